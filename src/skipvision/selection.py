@@ -1,0 +1,45 @@
+"""Split visual tokens into retained tokens R and skip candidates C."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def cls_attention_scores(attention: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """CLS -> patch attention of a CLIP-style attention module, summed over heads.
+
+    ``hidden_states`` is the module's input (after its pre-norm), shape ``(n, 1 + P, width)`` with CLS first.
+    Returns ``(n, P)``. Only the CLS query is projected: this is a small extra cost next to the tower, and it
+    works whatever attention backend the tower runs (SDPA and flash kernels do not return weights).
+    """
+    for name in ("q_proj", "k_proj", "num_heads", "head_dim", "scale"):
+        if not hasattr(attention, name):
+            raise TypeError(
+                f"selection='cls_attention' needs a CLIP-style attention module with {name!r}; "
+                f"{type(attention).__name__} has none. Use selection='position'."
+            )
+    n, tokens, _ = hidden_states.shape
+    query = attention.q_proj(hidden_states[:, :1]).view(n, 1, attention.num_heads, attention.head_dim)
+    keys = attention.k_proj(hidden_states).view(n, tokens, attention.num_heads, attention.head_dim)
+    logits = torch.einsum("nqhd,nkhd->nhqk", query.float(), keys.float()) * attention.scale
+    weights = logits.softmax(dim=-1)[:, :, 0, 1:]  # (n, heads, P): drop the CLS column
+    return weights.sum(dim=1)
+
+
+def split_tokens(
+    features: torch.Tensor, num_retained: int, scores: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``features (n, V, d)`` into ``(R (n, N_r, d), C (n, V - N_r, d))``, both in raster order.
+
+    With ``scores (n, V)`` R is the top-``num_retained`` tokens by score; without, the first ``num_retained``.
+    """
+    n, total, dim = features.shape
+    if scores is None:
+        return features[:, :num_retained], features[:, num_retained:]
+    top = scores.topk(num_retained, dim=-1).indices.sort(dim=-1).values
+    keep = torch.zeros(n, total, dtype=torch.bool, device=features.device)
+    keep.scatter_(1, top, True)
+    rest = (~keep).nonzero()[:, 1].view(n, total - num_retained)
+    gather = lambda idx: features.gather(1, idx.unsqueeze(-1).expand(-1, -1, dim))  # noqa: E731
+    return gather(top), gather(rest)

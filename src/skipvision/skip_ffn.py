@@ -1,0 +1,65 @@
+"""Skip-FFN: skipped tokens get the attention residual only, no post-attention norm and no FFN (method.md 3.5).
+
+A decoder layer's class is swapped for a subclass (as ToMe does), so the state dict and every checkpoint stay
+unchanged. The subclass runs the FFN on a gathered subset of rows and adds the result back, so the FFN really
+runs on fewer rows: FLOPs and time drop with the number of skipped tokens.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+from torch import nn
+
+#: Keyword argument, passed down through the HF decoder stack, holding the flat ``(batch * seq)`` row indices
+#: that run the FFN. A forward kwarg (not module state) so gradient checkpointing replays it.
+FFN_ROWS_KWARG = "skip_vision_ffn_rows"
+
+_REQUIRED = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+class SkipFFNLayerMixin:
+    """Mixed into a Llama-style decoder layer class (pre-norm attention block, then pre-norm FFN block)."""
+
+    skip_ffn: bool = False
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        ffn_rows = kwargs.pop(FFN_ROWS_KWARG, None)
+        if ffn_rows is None or not self.skip_ffn:
+            return super().forward(hidden_states, *args, **kwargs)
+        if args:
+            raise TypeError("Skip-FFN layers take every argument but hidden_states by keyword")
+        residual = hidden_states
+        attn_out, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        hidden_states = residual + attn_out
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        update = self.mlp(self.post_attention_layernorm(flat.index_select(0, ffn_rows)))
+        return flat.index_add(0, ffn_rows, update).view_as(hidden_states)
+
+
+@cache
+def _skip_ffn_class(base: type) -> type:
+    return type(base.__name__, (SkipFFNLayerMixin, base), {"__module__": base.__module__})
+
+
+def enable_skip_ffn(layers: nn.ModuleList, skip_layers: tuple[int, ...] | None) -> None:
+    """Swap every layer's class so it accepts :data:`FFN_ROWS_KWARG`; layers in ``skip_layers`` (all if None) skip.
+
+    Every layer is swapped, skipping or not, so the kwarg never reaches a module that does not expect it.
+    """
+    chosen = set(range(len(layers))) if skip_layers is None else set(skip_layers)
+    for index, layer in enumerate(layers):
+        missing = [name for name in _REQUIRED if not hasattr(layer, name)]
+        if missing:
+            raise TypeError(
+                f"Skip-FFN needs Llama-style decoder layers; {type(layer).__name__} lacks {missing}"
+            )
+        if not isinstance(layer, SkipFFNLayerMixin):
+            layer.__class__ = _skip_ffn_class(type(layer))
+        layer.skip_ffn = index in chosen
+
+
+def ffn_rows(skipped: torch.Tensor) -> torch.Tensor:
+    """Flat row indices of ``skipped (batch, seq)`` that are *not* skipped, i.e. that run the FFN."""
+    return (~skipped).flatten().nonzero().squeeze(1)
