@@ -1,0 +1,267 @@
+"""``skipvision`` command line: init-model, make-data, train, eval, flops, bench, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from .config import MERGES, SELECTIONS, SkipVisionConfig
+
+
+def _add_skip_vision_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Skip-Vision")
+    g.add_argument("--vanilla", action="store_true", help="plain LLaVA (every token retained, nothing skipped)")
+    g.add_argument("--num-retained", type=int, help="N_r: visual tokens with full blocks")
+    g.add_argument("--num-skipped", type=int, help="N_s: skipped tokens after merging")
+    g.add_argument("--selection", choices=SELECTIONS, default="cls_attention")
+    g.add_argument("--merge", choices=MERGES, default="tome")
+    g.add_argument("--no-summary-tokens", action="store_true")
+    g.add_argument("--no-skip-kv-cache", action="store_true")
+    g.add_argument("--skip-layers", type=int, nargs="+", help="decoder layers that skip the FFN (default: all)")
+
+
+def _skip_vision_from_args(args: argparse.Namespace, default: SkipVisionConfig | None) -> SkipVisionConfig | None:
+    if args.vanilla:
+        return None
+    if args.num_retained is None and args.num_skipped is None:
+        if default is None:
+            raise SystemExit("error: give --num-retained and --num-skipped (or --vanilla)")
+        base = default
+    else:
+        if args.num_retained is None or args.num_skipped is None:
+            raise SystemExit("error: --num-retained and --num-skipped go together")
+        base = SkipVisionConfig(args.num_retained, args.num_skipped, args.selection, args.merge)
+    return replace(
+        base,
+        summary_tokens=base.summary_tokens and not args.no_summary_tokens,
+        skip_kv_cache=base.skip_kv_cache and not args.no_skip_kv_cache,
+        skip_layers=tuple(args.skip_layers) if args.skip_layers else base.skip_layers,
+    )
+
+
+def _checkpoint_skip_vision(model_dir: str) -> SkipVisionConfig | None:
+    from transformers import AutoConfig
+
+    raw = getattr(AutoConfig.from_pretrained(model_dir), "skip_vision", None)
+    return SkipVisionConfig.from_dict(raw) if raw else None
+
+
+def cmd_init_model(args: argparse.Namespace) -> None:
+    from .presets import init_model
+
+    print(init_model(args.preset, args.out, seed=args.seed))
+
+
+def cmd_make_data(args: argparse.Namespace) -> None:
+    from .data import make_dataset
+
+    for path in make_dataset(args.out, n=args.n, seed=args.seed, image_size=args.image_size):
+        print(path)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import TrainConfig, train
+
+    skip = _skip_vision_from_args(args, _checkpoint_skip_vision(args.model))
+    summary = train(TrainConfig(
+        model=args.model, data=args.data, output_dir=args.out, skip_vision=skip, image_folder=args.image_folder,
+        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        learning_rate=args.lr, bf16=args.bf16, seed=args.seed, save_steps=args.save_steps,
+        logging_steps=args.logging_steps, max_length=args.max_length,
+        freeze_vision_tower=not args.train_vision_tower, resume=args.resume,
+        skip_bad_records=args.skip_bad_records,
+    ))
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate
+
+    result = evaluate(
+        args.model, args.data, args.image_folder, batch_size=args.batch_size,
+        skip_kv_cache=False if args.no_skip_kv_cache else None, limit=args.limit,
+    )
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"accuracy {result['accuracy']:.3f} on {result['count']} questions")
+    for kind, acc in result["per_type"].items():
+        print(f"  {kind:<14} {acc:.3f}")
+
+
+def cmd_flops(args: argparse.Namespace) -> None:
+    from . import flops as F
+
+    if args.preset not in F.PRESETS:
+        raise SystemExit(f"error: unknown preset {args.preset!r}; choose one of {sorted(F.PRESETS)}")
+    preset = F.PRESETS[args.preset]
+    shape = preset.shape
+    if args.tiles is not None:
+        if args.preset != "llava-hd-llama3-8b":
+            raise SystemExit("error: --tiles applies to llava-hd-llama3-8b only")
+        shape = replace(shape, visual_tokens=576 * (1 + args.tiles), towers_per_image=1 + args.tiles)
+    cfg = preset.skip_vision
+    if args.num_retained is not None or args.num_skipped is not None:
+        cfg = replace(cfg, num_retained=args.num_retained if args.num_retained is not None else cfg.num_retained,
+                      num_skipped=args.num_skipped if args.num_skipped is not None else cfg.num_skipped)
+    if args.tiles is not None and cfg.num_skipped == 576 and args.tiles == 1:
+        cfg = replace(cfg, merge="none")
+    cfg.check_against(shape.visual_tokens, shape.text.layers, has_cls_token=True)
+    result = F.compare(shape, cfg, text_tokens=args.text_tokens, new_tokens=args.new_tokens)
+    result.update(preset=args.preset, paper_ratio=preset.paper_ratio, note=preset.note)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"{args.preset}: N_r={cfg.num_retained} N_s={cfg.num_skipped}, V={shape.visual_tokens}, "
+          f"{args.text_tokens} text tokens")
+    print(f"  language-model prefill FLOPs  vanilla {result['vanilla_flops'] / 1e12:.3f} T   "
+          f"skip-vision {result['skip_vision_flops'] / 1e12:.3f} T   ratio {result['ratio']:.3f}"
+          + (f"   (paper: {preset.paper_ratio:.2f})" if preset.paper_ratio else ""))
+    print(f"  training-step FLOPs ratio {result['train_ratio']:.3f}")
+    if args.new_tokens:
+        print(f"  prefill + {args.new_tokens} decode steps ratio {result['generate_ratio']:.3f}")
+    vision = result["vanilla"]["vision"]
+    print(f"  vision tower {vision['tower'] / 1e12:.3f} T, projector {vision['projector'] / 1e12:.4f} T (separate)")
+    print(f"  note: {preset.note}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import BenchSettings, format_table, run
+
+    base, skip, source = _bench_model(args)
+    settings = BenchSettings(
+        batch_sizes=tuple(args.batch_sizes), dtypes=tuple(args.dtypes), new_tokens=args.new_tokens,
+        repeats=args.repeats, warmup=args.warmup, train=not args.no_train,
+        **({"device": args.device} if args.device else {}),
+    )
+    rows = run(base, skip, settings)
+    table = format_table(rows)
+    print(f"# skipvision bench: {source}, N_r={skip.num_retained} N_s={skip.num_skipped}, device {settings.device}, "
+          f"{settings.new_tokens} new tokens, median of {settings.repeats} after {settings.warmup} warm-up")
+    print(table)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"source": source, "skip_vision": skip.to_dict(), "rows": rows}, indent=1))
+
+
+def _bench_model(args: argparse.Namespace):
+    import torch
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    from .presets import MODEL_PRESETS, build_model, build_tokenizer, tokenizer_corpus
+
+    if args.model:
+        base = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
+        skip = _skip_vision_from_args(args, _checkpoint_skip_vision(args.model))
+        if skip is None:
+            raise SystemExit("error: bench compares against vanilla itself; give the Skip-Vision setting")
+        base.config.skip_vision = None
+        config = AutoConfig.from_pretrained(args.model)
+        return base, skip, f"model {args.model} ({config.text_config.num_hidden_layers} layers)"
+    if args.preset not in MODEL_PRESETS:
+        raise SystemExit(f"error: unknown model preset {args.preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+    preset = MODEL_PRESETS[args.preset]
+    base = build_model(preset, build_tokenizer(tokenizer_corpus()))
+    skip = _skip_vision_from_args(args, preset.skip_vision)
+    return base, skip, f"preset {args.preset} (random weights)"
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import demo
+
+    demo(out=args.out, preset=args.preset, steps=args.steps, seed=args.seed, num_examples=args.n)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="skipvision", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init-model", help="write a tiny random LLaVA checkpoint (no download)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init_model)
+
+    p = sub.add_parser("make-data", help="generate the embedded shapes VQA dataset (LLaVA JSON + PNG)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=168)
+    p.set_defaults(func=cmd_make_data)
+
+    p = sub.add_parser("train", help="fine-tune a LLaVA checkpoint with (or without) Skip-Vision")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="LLaVA JSON")
+    p.add_argument("--image-folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-steps", type=int, default=50)
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--train-vision-tower", action="store_true", help="default: frozen, as in LLaVA SFT")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--skip-bad-records", action="store_true", help="warn and skip records that cannot be read")
+    _add_skip_vision_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="exact-match accuracy with generate")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--image-folder")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int)
+    p.add_argument("--no-skip-kv-cache", action="store_true")
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_eval)
+
+    from .flops import DEFAULT_TEXT_TOKENS
+
+    p = sub.add_parser("flops", help="analytic FLOPs of the paper's models, vanilla vs Skip-Vision")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--num-retained", type=int)
+    p.add_argument("--num-skipped", type=int)
+    p.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS)
+    p.add_argument("--new-tokens", type=int, default=0)
+    p.add_argument("--tiles", type=int, choices=[1, 2, 3, 4], help="LLaVA-HD tiles (default 4)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("bench", help="latency/memory benchmark, vanilla vs Skip-Vision side by side")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="a LLaVA checkpoint directory")
+    src.add_argument("--preset", default="tiny", help="a model preset with random weights (tiny, small)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--no-train", action="store_true")
+    p.add_argument("--device")
+    p.add_argument("--out", help="write the rows as JSON")
+    _add_skip_vision_args(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="end to end: data, train vanilla and Skip-Vision, evaluate, measure, report")
+    p.add_argument("--out", default="./skipvision-demo")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--n", type=int, default=None, help="examples to generate")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as error:  # bad configuration or data: say what is wrong, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,274 @@
+"""LLaVA-format data: the embedded shapes dataset generator, a dataset that tokenises LLaVA JSON records with
+the processor's chat template, and a padding collator."""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+IGNORE_INDEX = -100
+
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230),
+    "yellow": (235, 215, 40), "purple": (150, 60, 200), "white": (240, 240, 240),
+}
+SHAPES = ("square", "circle", "triangle")
+CELLS = [
+    "top left", "top middle", "top right", "middle left", "center", "middle right",
+    "bottom left", "bottom middle", "bottom right",
+]
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]
+TEXT_ONLY = [
+    ("What is the opposite of left?", "right"), ("What is the opposite of right?", "left"),
+    ("How many sides does a triangle have?", "three"), ("How many sides does a square have?", "four"),
+    ("What shape has no corners?", "circle"), ("What is two plus one?", "three"),
+]
+QUESTION_TYPES = ("color_at", "shape_at", "count", "count_color", "relative", "small_color", "text_only")
+
+
+def vocabulary_sentences() -> list[str]:
+    """Every word the generator can emit, in sentences, for training the preset tokenizer."""
+    sentences = [f"What color is the shape in the {c} cell? What shape is in the {c} cell?" for c in CELLS]
+    sentences += [f"How many {c} shapes are there? {c}" for c in COLORS]
+    sentences += [f"Is the {c} {s} left or right of the {c} {s}? left right {s}" for c in COLORS for s in SHAPES]
+    sentences += ["How many shapes are there? What color is the small shape? " + " ".join(NUMBERS)]
+    sentences += [f"{q} {a}" for q, a in TEXT_ONLY]
+    return sentences
+
+
+@dataclass
+class Shape:
+    color: str
+    kind: str
+    cell: int
+    small: bool
+
+
+def _draw(shapes: list[Shape], size: int) -> Image.Image:
+    image = Image.new("RGB", (size, size), (25, 25, 35))
+    draw = ImageDraw.Draw(image)
+    step = size / 3
+    for s in shapes:
+        row, col = divmod(s.cell, 3)
+        cx, cy = (col + 0.5) * step, (row + 0.5) * step
+        r = step * (0.16 if s.small else 0.36)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        fill = COLORS[s.color]
+        if s.kind == "square":
+            draw.rectangle(box, fill=fill)
+        elif s.kind == "circle":
+            draw.ellipse(box, fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return image
+
+
+def _questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
+    """Candidate (type, question, answer) triples for a scene."""
+    out = []
+    s = rng.choice(shapes)
+    out.append(("color_at", f"What color is the shape in the {CELLS[s.cell]} cell?", s.color))
+    s = rng.choice(shapes)
+    out.append(("shape_at", f"What shape is in the {CELLS[s.cell]} cell?", s.kind))
+    out.append(("count", "How many shapes are there?", NUMBERS[len(shapes)]))
+    color = rng.choice(list(COLORS))
+    out.append(("count_color", f"How many {color} shapes are there?",
+                NUMBERS[sum(x.color == color for x in shapes)]))
+    pairs = [(a, b) for a in shapes for b in shapes if a.cell % 3 != b.cell % 3]
+    unique = [(a, b) for a, b in pairs if sum((x.color, x.kind) == (a.color, a.kind) for x in shapes) == 1
+              and sum((x.color, x.kind) == (b.color, b.kind) for x in shapes) == 1]
+    if unique:
+        a, b = rng.choice(unique)
+        side = "left" if a.cell % 3 < b.cell % 3 else "right"
+        out.append(("relative", f"Is the {a.color} {a.kind} left or right of the {b.color} {b.kind}?", side))
+    small = [x for x in shapes if x.small]
+    if len(small) == 1:
+        out.append(("small_color", "What color is the small shape?", small[0].color))
+    return out
+
+
+def make_dataset(out: str | Path, n: int = 2000, seed: int = 0, image_size: int = 224, test_fraction: float = 0.1):
+    """Write ``train.json``, ``test.json`` and ``images/*.png`` (LLaVA format) to ``out``; deterministic in ``seed``.
+
+    Scenes hold 2-5 coloured shapes on a 3x3 grid, sometimes one small one; questions need colour/shape at a
+    cell, counting, relative position or the small object. About 5% of records are text-only and 20% have two
+    turns. Returns the paths of the two JSON files.
+    """
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        rid = f"shapes-{seed}-{i:06d}"
+        if rng.random() < 0.05:
+            q, a = rng.choice(TEXT_ONLY)
+            records.append({"id": rid, "type": "text_only", "conversations": [
+                {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+            continue
+        cells = rng.sample(range(9), rng.randint(2, 5))
+        shapes = [Shape(rng.choice(list(COLORS)), rng.choice(SHAPES), c, False) for c in cells]
+        if rng.random() < 0.4:
+            rng.choice(shapes).small = True
+        image_name = f"{rid}.png"
+        _draw(shapes, image_size).save(out / "images" / image_name)
+        candidates = _questions(shapes, rng)
+        turns = rng.sample(candidates, 2 if rng.random() < 0.2 else 1)
+        conversations = []
+        for t, (_, question, answer) in enumerate(turns):
+            conversations.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + question})
+            conversations.append({"from": "gpt", "value": answer})
+        records.append({"id": rid, "image": image_name, "type": turns[-1][0], "conversations": conversations})
+    split = max(1, int(n * test_fraction))
+    paths = out / "train.json", out / "test.json"
+    paths[0].write_text(json.dumps(records[split:], indent=1))
+    paths[1].write_text(json.dumps(records[:split], indent=1))
+    return paths
+
+
+class RecordError(ValueError):
+    """A LLaVA record that cannot be used; the message names its id."""
+
+
+class LlavaJsonDataset(torch.utils.data.Dataset):
+    """LLaVA instruction JSON tokenised with the processor's chat template.
+
+    Each ``<image>`` becomes the processor's image placeholder count (``configure_processor`` sets it to
+    ``num_image_tokens(cfg)``); labels supervise only the assistant answers (the template's ``{% generation %}``
+    spans). Bad records raise :class:`RecordError` naming the record id, or are skipped with a warning when
+    ``skip_bad_records`` is set.
+    """
+
+    def __init__(
+        self, json_path: str | Path, image_folder: str | Path | None, processor: Any, max_length: int = 1024,
+        skip_bad_records: bool = False,
+    ) -> None:
+        self.records = json.loads(Path(json_path).read_text())
+        if not isinstance(self.records, list):
+            raise RecordError(f"{json_path} must hold a list of LLaVA records, got {type(self.records).__name__}")
+        self.image_folder = Path(image_folder) if image_folder is not None else Path(json_path).parent / "images"
+        self.processor = processor
+        self.max_length = max_length
+        self.skip_bad_records = skip_bad_records
+        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return self.encode(self.records[index])
+        except RecordError as error:
+            if not self.skip_bad_records:
+                raise
+            warnings.warn(f"skipping bad record: {error}", stacklevel=2)
+            return self[(index + 1) % len(self)]
+
+    def messages(self, record: dict[str, Any]) -> list[dict[str, str]]:
+        rid = record.get("id", "<no id>") if isinstance(record, dict) else "<not a dict>"
+        turns = record.get("conversations") if isinstance(record, dict) else None
+        if not isinstance(turns, list) or not turns or len(turns) % 2:
+            raise RecordError(f"record {rid}: 'conversations' must be a non-empty list of human/gpt pairs")
+        roles = {"human": "user", "gpt": "assistant"}
+        messages = []
+        for i, turn in enumerate(turns):
+            expected = "human" if i % 2 == 0 else "gpt"
+            if not isinstance(turn, dict) or turn.get("from") != expected or not isinstance(turn.get("value"), str):
+                raise RecordError(f"record {rid}: turn {i} must be {{'from': '{expected}', 'value': str}}")
+            messages.append({"role": roles[expected], "content": turn["value"]})
+        return messages
+
+    def load_images(self, record: dict[str, Any]) -> list[Image.Image]:
+        rid = record.get("id", "<no id>")
+        names = record.get("image")
+        names = [] if names is None else names if isinstance(names, list) else [names]
+        images = []
+        for name in names:
+            path = self.image_folder / str(name)
+            try:
+                with Image.open(path) as image:
+                    images.append(image.convert("RGB"))
+            except (OSError, ValueError) as error:  # missing file, truncated or not an image
+                raise RecordError(f"record {rid}: cannot read image {path}: {error}") from error
+        return images
+
+    def encode(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Training item: the whole conversation, labels on the assistant answers only."""
+        return self._encode(record, self.messages(record), add_generation_prompt=False)
+
+    def encode_prompt(self, record: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """Generation item for the last answer: every turn before it, ending in the generation prompt."""
+        messages = self.messages(record)
+        return self._encode(record, messages[:-1], add_generation_prompt=True), messages[-1]["content"]
+
+    def _encode(self, record: dict[str, Any], messages: list[dict[str, str]], add_generation_prompt: bool):
+        rid = record.get("id", "<no id>")
+        images = self.load_images(record)
+        placeholders = sum(m["content"].count("<image>") for m in messages)
+        if placeholders != len(images):
+            raise RecordError(f"record {rid}: {placeholders} <image> marker(s) but {len(images)} image(s)")
+        encoded = self.processor.tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+            add_generation_prompt=add_generation_prompt,
+        )
+        per_image = self.tokens_per_image()
+        input_ids, labels = [], []
+        for token, is_answer in zip(encoded["input_ids"], encoded["assistant_masks"]):
+            if token == self.image_token_id:
+                input_ids += [token] * per_image
+                labels += [IGNORE_INDEX] * per_image
+            else:
+                input_ids.append(token)
+                labels.append(token if is_answer else IGNORE_INDEX)
+        if len(input_ids) > self.max_length:
+            if add_generation_prompt:
+                raise RecordError(
+                    f"record {rid}: prompt of {len(input_ids)} tokens exceeds max_length={self.max_length}"
+                )
+            if input_ids[: self.max_length].count(self.image_token_id) != len(images) * per_image:
+                raise RecordError(f"record {rid}: max_length={self.max_length} would cut an image's tokens")
+            input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
+        item = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "id": rid}
+        if images:
+            item["pixel_values"] = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return item
+
+    def tokens_per_image(self) -> int:
+        """Placeholders per image, as the processor expands ``<image>``."""
+        processor = self.processor
+        crop = processor.image_processor.crop_size
+        count = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
+        count += processor.num_additional_image_tokens
+        return count - (1 if processor.vision_feature_select_strategy == "default" else 0)
+
+
+@dataclass
+class LlavaCollator:
+    """Pads a list of dataset items (right padding for training, left for generation)."""
+
+    pad_token_id: int
+    padding_side: str = "right"
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        length = max(len(item["input_ids"]) for item in items)
+        batch = len(items)
+        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros(batch, length, dtype=torch.long)
+        for b, item in enumerate(items):
+            n = len(item["input_ids"])
+            where = slice(length - n, length) if self.padding_side == "left" else slice(0, n)
+            input_ids[b, where] = item["input_ids"]
+            labels[b, where] = item["labels"]
+            attention_mask[b, where] = 1
+        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
+        if pixels:
+            out["pixel_values"] = torch.cat(pixels)
+        return out

@@ -1,0 +1,160 @@
+"""``skipvision demo``: the whole story in minutes on a CPU.
+
+Generate the embedded shapes dataset, build a tiny random LLaVA, fine-tune a vanilla copy and a Skip-Vision copy
+with the same budget and seed, evaluate both with ``generate``, measure FLOPs, latency and KV-cache size side by
+side, and write ``report.json`` plus a trade-off plot (accuracy vs FLOPs, marker size = latency).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from . import flops as F
+from .bench import BenchSettings, measure
+from .data import LlavaCollator, LlavaJsonDataset, make_dataset
+from .evaluate import evaluate
+from .llava import SkipVisionLlavaForConditionalGeneration
+from .presets import MODEL_PRESETS, init_model
+from .train import TrainConfig, train
+
+DEFAULT_STEPS = {"tiny": 1000, "small": 150}
+DEFAULT_EXAMPLES = 6000
+BATCH_SIZE = 8
+LEARNING_RATE = 3e-3
+
+
+def _train_flops(model_dir: Path, data: Path) -> dict[str, float]:
+    """Analytic and measured FLOPs of one training step on the first batch of the training set."""
+    model = SkipVisionLlavaForConditionalGeneration.from_pretrained(model_dir)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    dataset = LlavaJsonDataset(data, None, processor)
+    batch = LlavaCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(BATCH_SIZE)])
+    model.train()
+    measured, _ = F.measured_flops(lambda: model(**batch).loss.backward())
+    shape, cfg = F.shape_of(model.config), model.skip_vision_config
+    analytic = 0
+    image_id = model.config.image_token_id
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+        images = int((ids == image_id).sum()) // cfg.num_image_tokens
+        text = int(mask.sum()) - images * cfg.num_image_tokens
+        rep = F.report(shape, cfg, text_tokens=text, images=images)
+        analytic += rep["train_step_total"] + 3 * sum(rep["vision"].values())
+    return {"train_flops": float(analytic), "train_flops_measured": float(measured)}
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    base_flops = report["vanilla"]["prefill_flops"]
+    base_latency = report["vanilla"]["generate_seconds"]
+    for name, color in (("vanilla", "#888888"), ("skip_vision", "#1f77b4")):
+        r = report[name]
+        x = 100 * r["prefill_flops"] / base_flops
+        size = 600 * r["generate_seconds"] / base_latency
+        ax.scatter([x], [100 * r["accuracy"]], s=size, color=color, alpha=0.6, edgecolors="black")
+        ax.annotate(f"{name}\n{1e3 * r['generate_seconds']:.0f} ms", (x, 100 * r["accuracy"]),
+                    textcoords="offset points", xytext=(14, -4), fontsize=8)
+    ax.axhline(100 * report["chance_accuracy"], color="red", lw=0.8, ls="--", label="answer-prior baseline")
+    ax.set_xlabel("inference FLOPs, % of vanilla (prefill, language model)")
+    ax.set_ylabel("exact-match accuracy, %")
+    ax.set_title("skipvision demo: accuracy vs FLOPs (marker size = generate latency)", fontsize=9)
+    ax.set_xlim(0, 120)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _prior_accuracy(train_json: Path, test_json: Path) -> float:
+    """Accuracy of always answering the most frequent training answer of the question's type."""
+    from collections import Counter, defaultdict
+
+    answers: dict[str, Counter] = defaultdict(Counter)
+    for r in json.loads(train_json.read_text()):
+        answers[r["type"]][r["conversations"][-1]["value"]] += 1
+    test = json.loads(test_json.read_text())
+    hits = sum(answers[r["type"]].most_common(1)[0][0] == r["conversations"][-1]["value"] for r in test)
+    return hits / len(test)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    v, s = report["vanilla"], report["skip_vision"]
+    rows = [
+        ("accuracy (exact match)", "accuracy", "{:.3f}", 1),
+        ("train wall time (s)", "train_seconds", "{:.1f}", 1),
+        ("train step time (s, median)", "train_step_seconds", "{:.3f}", 1),
+        ("train FLOPs / step, analytic (G)", "train_flops", "{:.2f}", 1e-9),
+        ("train FLOPs / step, measured (G)", "train_flops_measured", "{:.2f}", 1e-9),
+        ("prefill FLOPs, analytic (G)", "prefill_flops", "{:.3f}", 1e-9),
+        ("prefill latency (ms)", "prefill_seconds", "{:.1f}", 1e3),
+        ("decode per token (ms)", "decode_seconds_per_token", "{:.2f}", 1e3),
+        ("generate 16 tokens (ms)", "generate_seconds", "{:.1f}", 1e3),
+        ("KV cache after prefill (KiB)", "kv_cache_bytes", "{:.1f}", 1 / 1024),
+    ]
+    lines = [f"{'':34}{'vanilla':>12}{'skip_vision':>14}{'ratio':>9}", "-" * 69]
+    for label, key, fmt, scale in rows:
+        ratio = s[key] / v[key] if v[key] else float("nan")
+        lines.append(f"{label:34}{fmt.format(v[key] * scale):>12}{fmt.format(s[key] * scale):>14}{ratio:>9.3f}")
+    lines.append(f"answer-prior baseline accuracy: {report['chance_accuracy']:.3f}")
+    return "\n".join(lines)
+
+
+def demo(
+    out: str | Path = "./skipvision-demo", preset: str = "tiny", steps: int | None = None, seed: int = 0,
+    num_examples: int | None = None,
+) -> dict[str, Any]:
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+    start = time.perf_counter()
+    out = Path(out)
+    spec = MODEL_PRESETS[preset]
+    steps = steps or DEFAULT_STEPS[preset]
+    print(f"[1/5] data: {out / 'data'}")
+    train_json, test_json = make_dataset(out / "data", n=num_examples or DEFAULT_EXAMPLES, seed=seed,
+                                         image_size=spec.image_size)
+    print(f"[2/5] tiny LLaVA ({preset}, random init): {out / 'base'}")
+    base = init_model(preset, out / "base", seed=seed)
+    report: dict[str, Any] = {"preset": preset, "steps": steps, "seed": seed, "batch_size": BATCH_SIZE,
+                              "skip_vision_config": spec.skip_vision.to_dict()}
+    for name, cfg in (("vanilla", None), ("skip_vision", spec.skip_vision)):
+        print(f"[3/5] training {name}: {steps} steps, batch {BATCH_SIZE}")
+        summary = train(TrainConfig(
+            model=str(base), data=str(train_json), output_dir=str(out / "runs" / name), skip_vision=cfg,
+            max_steps=steps, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, seed=seed,
+            save_steps=max(steps // 2, 1), logging_steps=max(steps // 10, 1), freeze_vision_tower=False,
+        ))
+        report[name] = {"train_seconds": summary["train_seconds"], "train_step_seconds": summary["train_step_seconds"],
+                        "final_loss": summary["losses"][-1] if summary["losses"] else None,
+                        "checkpoint": summary["final"]}
+    for name in ("vanilla", "skip_vision"):
+        final = Path(report[name]["checkpoint"])
+        print(f"[4/5] evaluating {name} on {test_json}")
+        result = evaluate(final, test_json)
+        report[name].update(accuracy=result["accuracy"], per_type=result["per_type"])
+        print(f"[5/5] measuring {name}: FLOPs, latency, KV cache")
+        report[name].update(_train_flops(final, train_json))
+        model = SkipVisionLlavaForConditionalGeneration.from_pretrained(final)
+        timing = measure(model, batch=1, settings=BenchSettings(new_tokens=16, repeats=5, train=False, device="cpu"))
+        shape = F.shape_of(model.config)
+        rep = F.report(shape, model.skip_vision_config, text_tokens=F.DEFAULT_TEXT_TOKENS)
+        report[name].update(timing, prefill_flops=float(rep["prefill_total"]))
+    report["chance_accuracy"] = _prior_accuracy(train_json, test_json)
+    report["ratios"] = {k: report["skip_vision"][k] / report["vanilla"][k]
+                        for k in ("train_step_seconds", "train_flops", "train_flops_measured", "prefill_seconds",
+                                  "decode_seconds_per_token", "kv_cache_bytes", "prefill_flops")}
+    report["total_seconds"] = time.perf_counter() - start
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    _plot(report, out / "tradeoff.png")
+    print()
+    print(format_table(report))
+    print(f"\nwrote {out / 'report.json'} and {out / 'tradeoff.png'} in {report['total_seconds']:.0f} s")
+    return report

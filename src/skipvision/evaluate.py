@@ -1,0 +1,74 @@
+"""Exact-match evaluation of a (Skip-Vision) LLaVA checkpoint on LLaVA JSON with ``generate``."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoProcessor
+
+from .data import LlavaCollator, LlavaJsonDataset
+from .llava import SkipVisionLlavaForConditionalGeneration
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.strip().lower().rstrip(".").split())
+
+
+@torch.no_grad()
+def evaluate(
+    model_dir: str | Path,
+    data: str | Path,
+    image_folder: str | Path | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 4,
+    skip_kv_cache: bool | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Answer the last question of every record greedily; exact-match accuracy overall and per ``type``.
+
+    ``skip_kv_cache`` overrides the checkpoint's setting (None keeps it).
+    """
+    model = SkipVisionLlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    if skip_kv_cache is not None and skip_kv_cache != model.skip_vision_config.skip_kv_cache:
+        from dataclasses import replace
+
+        model.skip_vision_config = replace(model.skip_vision_config, skip_kv_cache=skip_kv_cache)
+        model.config.skip_vision = model.skip_vision_config.to_dict()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    dataset = LlavaJsonDataset(data, image_folder, processor)
+    records = dataset.records[:limit] if limit else dataset.records
+    collate = LlavaCollator(processor.tokenizer.pad_token_id, padding_side="left")
+    tokenizer = processor.tokenizer
+    correct: dict[str, list[bool]] = defaultdict(list)
+    predictions = []
+    for start in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress):
+        chunk = records[start : start + batch_size]
+        items, answers = zip(*(dataset.encode_prompt(r) for r in chunk))
+        batch = collate(list(items))
+        batch.pop("labels")
+        out = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False,
+            suppress_tokens=[model.config.image_token_id], pad_token_id=tokenizer.pad_token_id,
+        )
+        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        for record, text, answer in zip(chunk, texts, answers):
+            ok = normalise(text) == normalise(answer)
+            correct[record.get("type", "all")].append(ok)
+            predictions.append({"id": record["id"], "prediction": text, "answer": answer, "correct": ok})
+    every = [ok for oks in correct.values() for ok in oks]
+    return {
+        "accuracy": sum(every) / max(1, len(every)),
+        "per_type": {t: sum(oks) / len(oks) for t, oks in sorted(correct.items())},
+        "count": len(every),
+        "predictions": predictions,
+    }
+
+
+def write_report(result: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=1))

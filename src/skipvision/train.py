@@ -1,0 +1,192 @@
+"""Fine-tuning with Skip-Vision on HF ``Trainer``.
+
+Why ``Trainer``: it is what LLaVA users already run, and it brings gradient accumulation, schedules, bf16,
+resumable checkpoints and multi-process training through existing engines (torchrun/accelerate DDP, FSDP,
+DeepSpeed via ``TrainingArguments``) with no training loop of our own. We add atomic checkpoints, per-step
+timing and a rank-sync check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoProcessor, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+
+from .config import SkipVisionConfig
+from .data import LlavaCollator, LlavaJsonDataset
+from .llava import SkipVisionLlavaForConditionalGeneration, configure_processor, num_visual_tokens
+from .presets import vanilla_config
+
+
+@dataclass
+class TrainConfig:
+    model: str  # a LLaVA checkpoint directory (vanilla or Skip-Vision) with its processor
+    data: str  # LLaVA JSON file
+    output_dir: str
+    skip_vision: SkipVisionConfig | None = None  # None = vanilla LLaVA through the same code path
+    image_folder: str | None = None  # default: <data dir>/images
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    bf16: bool = False
+    seed: int = 0
+    save_steps: int = 50
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+    max_length: int = 1024
+    freeze_vision_tower: bool = True
+    resume: bool = False
+    skip_bad_records: bool = False
+    extra_args: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments (fsdp, deepspeed, ...)
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step."""
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.durations.append(time.perf_counter() - self._start)
+
+
+class SkipVisionTrainer(Trainer):
+    """``Trainer`` whose checkpoints appear atomically (tokens/s is logged by Trainer itself)."""
+
+    _staging: str | None = None
+
+    def _get_output_dir(self, trial):
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        # write checkpoint-N into a staging folder, then rename: a crash never leaves a half checkpoint that
+        # resume would pick up (get_last_checkpoint only looks at checkpoint-N folders)
+        final_root = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging = os.path.join(final_root, ".staging")
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        if self.args.should_save:
+            target = os.path.join(final_root, name)
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(final_root, ".staging", name), target)
+            os.rmdir(os.path.join(final_root, ".staging"))
+            rotate_checkpoints(final_root, self.args.save_total_limit, self.state.best_model_checkpoint)
+        if self.args.world_size > 1:
+            torch.distributed.barrier()
+
+
+def load_for_training(model_dir: str, skip_vision: SkipVisionConfig | None, dtype: torch.dtype = torch.float32):
+    """Model + processor for a run; ``skip_vision=None`` gives the exactly-vanilla configuration."""
+    if skip_vision is None:
+        skip_vision = vanilla_config(num_visual_tokens(AutoConfig.from_pretrained(model_dir)))
+    model = SkipVisionLlavaForConditionalGeneration.from_pretrained(model_dir, skip_vision=skip_vision, dtype=dtype)
+    processor = configure_processor(AutoProcessor.from_pretrained(model_dir), skip_vision)
+    return model, processor
+
+
+def params_checksum(model: torch.nn.Module) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def save_atomically(model, processor, out: Path) -> None:
+    """save_pretrained into a temporary sibling, then rename over ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train and save ``<output_dir>/final``; returns timings, losses and the final checkpoint path."""
+    model, processor = load_for_training(cfg.model, cfg.skip_vision)
+    if cfg.freeze_vision_tower:
+        model.model.vision_tower.requires_grad_(False)
+    dataset = LlavaJsonDataset(
+        cfg.data, cfg.image_folder, processor, max_length=cfg.max_length, skip_bad_records=cfg.skip_bad_records
+    )
+    args = TrainingArguments(
+        output_dir=cfg.output_dir,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        bf16=cfg.bf16,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        report_to="none",
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not torch.cuda.is_available(),
+        # the unused last tower layer (features come from layer -2) gets no gradient when the tower trains
+        ddp_find_unused_parameters=not cfg.freeze_vision_tower,
+        dataloader_num_workers=0,
+        **cfg.extra_args,
+    )
+    timer = StepTimer()
+    trainer = SkipVisionTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
+        callbacks=[timer],
+    )
+    resume_from = get_last_checkpoint(cfg.output_dir) if cfg.resume and os.path.isdir(cfg.output_dir) else None
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - start
+
+    checksum = params_checksum(model)
+    in_sync = True
+    if args.world_size > 1:
+        sums = [None] * args.world_size
+        torch.distributed.all_gather_object(sums, checksum)
+        in_sync = all(abs(s - sums[0]) <= 1e-6 * max(1.0, abs(sums[0])) for s in sums)
+        if not in_sync:
+            raise RuntimeError(f"ranks out of sync after training: parameter checksums {sums}")
+    final = Path(cfg.output_dir) / "final"
+    if args.should_save:
+        save_atomically(trainer.model, processor, final)
+    steady = timer.durations[2:] or timer.durations
+    summary = {
+        "final": str(final),
+        "train_seconds": seconds,
+        "train_step_seconds": statistics.median(steady) if steady else None,
+        "steps": trainer.state.global_step,
+        "resumed_from": resume_from,
+        "train_loss": result.training_loss,
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "world_size": args.world_size,
+        "ranks_in_sync": in_sync,
+        "params_checksum": checksum,
+        "config": {**asdict(cfg), "skip_vision": cfg.skip_vision.to_dict() if cfg.skip_vision else None},
+    }
+    if args.should_save:
+        (Path(cfg.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
