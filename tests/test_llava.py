@@ -214,6 +214,21 @@ def test_save_and_load_round_trip(tmp_path):
     assert (after - before).abs().max() == 0
 
 
+def test_from_vanilla_checkpoint_loads_every_weight(tmp_path):
+    """A llava-hf style checkpoint (legacy key layout) loads completely: N_s = 0 logits equal vanilla's."""
+    vanilla = vanilla_model()
+    vanilla.save_pretrained(tmp_path)
+    cfg = SkipVisionConfig(num_retained=64, num_skipped=0, selection="position", merge="none", summary_tokens=False)
+    loaded = SkipVisionLlavaForConditionalGeneration.from_pretrained(tmp_path, skip_vision=cfg).eval()
+    ids, mask, pixels = prompts([1, 0], 64, [3, 5], [4, 2])
+    ref = vanilla(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    out = loaded(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    assert (out - ref).abs().max() <= 1e-5
+    loaded.save_pretrained(tmp_path / "skip")  # and vanilla HF loads a Skip-Vision checkpoint's shared weights
+    back = type(vanilla).from_pretrained(tmp_path / "skip").eval()
+    assert torch.equal(back.lm_head.weight, vanilla.lm_head.weight)
+
+
 def test_from_vanilla_checkpoint_initialises_scorer(tmp_path):
     vanilla_model().save_pretrained(tmp_path)
     model = SkipVisionLlavaForConditionalGeneration.from_pretrained(tmp_path, skip_vision=DEFAULT)

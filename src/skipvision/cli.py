@@ -72,9 +72,28 @@ def cmd_train(args: argparse.Namespace) -> None:
         learning_rate=args.lr, bf16=args.bf16, seed=args.seed, save_steps=args.save_steps,
         logging_steps=args.logging_steps, max_length=args.max_length,
         freeze_vision_tower=not args.train_vision_tower, resume=args.resume,
-        skip_bad_records=args.skip_bad_records,
+        skip_bad_records=args.skip_bad_records, extra_args=_training_args(args.training_args),
     ))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+
+
+def _training_args(value: str | None) -> dict:
+    """Extra ``TrainingArguments`` as a JSON object or a path to a JSON file (e.g. fsdp / deepspeed settings)."""
+    if not value:
+        return {}
+    text = Path(value).read_text() if Path(value).is_file() else value
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--training-args is neither a JSON object nor a JSON file: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError("--training-args must be a JSON object of TrainingArguments fields")
+    from transformers import TrainingArguments
+
+    unknown = sorted(set(data) - set(TrainingArguments.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"--training-args: unknown TrainingArguments field(s) {unknown}")
+    return data
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -207,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-vision-tower", action="store_true", help="default: frozen, as in LLaVA SFT")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--skip-bad-records", action="store_true", help="warn and skip records that cannot be read")
+    p.add_argument("--training-args", help="extra TrainingArguments, JSON or a JSON file (fsdp, deepspeed, ...)")
     _add_skip_vision_args(p)
     p.set_defaults(func=cmd_train)
 

@@ -30,7 +30,12 @@ TEXT_ONLY = [
     ("How many sides does a triangle have?", "three"), ("How many sides does a square have?", "four"),
     ("What shape has no corners?", "circle"), ("What is two plus one?", "three"),
 ]
-QUESTION_TYPES = ("color_at", "shape_at", "count", "count_color", "relative", "small_color", "text_only")
+SIDES = ("left", "center", "right")
+QUESTION_TYPES = (
+    "single_color", "single_shape", "single_side", "single_size",  # one shape: learnable in minutes
+    "color_at", "shape_at", "count", "count_color", "relative", "small_color",  # several shapes: harder
+    "text_only",
+)
 
 
 def vocabulary_sentences() -> list[str]:
@@ -39,6 +44,8 @@ def vocabulary_sentences() -> list[str]:
     sentences += [f"How many {c} shapes are there? {c}" for c in COLORS]
     sentences += [f"Is the {c} {s} left or right of the {c} {s}? left right {s}" for c in COLORS for s in SHAPES]
     sentences += ["How many shapes are there? What color is the small shape? " + " ".join(NUMBERS)]
+    sentences += ["What color is the shape? What shape is it? Is the shape on the left, center or right? "
+                  "Is the shape small or large? small large center"]
     sentences += [f"{q} {a}" for q, a in TEXT_ONLY]
     return sentences
 
@@ -55,10 +62,11 @@ def _draw(shapes: list[Shape], size: int) -> Image.Image:
     image = Image.new("RGB", (size, size), (25, 25, 35))
     draw = ImageDraw.Draw(image)
     step = size / 3
+    single = len(shapes) == 1  # a lone shape is drawn large, spanning its column, vertically centred
     for s in shapes:
         row, col = divmod(s.cell, 3)
-        cx, cy = (col + 0.5) * step, (row + 0.5) * step
-        r = step * (0.16 if s.small else 0.36)
+        cx, cy = (col + 0.5) * step, (1.5 if single else row + 0.5) * step
+        r = step * ((0.3 if s.small else 0.5) if single else (0.16 if s.small else 0.36))
         box = (cx - r, cy - r, cx + r, cy + r)
         fill = COLORS[s.color]
         if s.kind == "square":
@@ -68,6 +76,15 @@ def _draw(shapes: list[Shape], size: int) -> Image.Image:
         else:
             draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
     return image
+
+
+def _single_questions(shape: Shape) -> list[tuple[str, str, str]]:
+    return [
+        ("single_color", "What color is the shape?", shape.color),
+        ("single_shape", "What shape is it?", shape.kind),
+        ("single_side", "Is the shape on the left, center or right?", SIDES[shape.cell % 3]),
+        ("single_size", "Is the shape small or large?", "small" if shape.small else "large"),
+    ]
 
 
 def _questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
@@ -97,9 +114,10 @@ def _questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str, 
 def make_dataset(out: str | Path, n: int = 2000, seed: int = 0, image_size: int = 224, test_fraction: float = 0.1):
     """Write ``train.json``, ``test.json`` and ``images/*.png`` (LLaVA format) to ``out``; deterministic in ``seed``.
 
-    Scenes hold 2-5 coloured shapes on a 3x3 grid, sometimes one small one; questions need colour/shape at a
-    cell, counting, relative position or the small object. About 5% of records are text-only and 20% have two
-    turns. Returns the paths of the two JSON files.
+    60% of the scenes hold one shape (questions on its colour, kind, side, size: learnable by a tiny model in
+    minutes); the others hold 2-5 coloured shapes on a 3x3 grid, sometimes one small one, with questions on the
+    colour/shape at a cell, counting, relative position or the small object (hard for a tiny model). About 5% of
+    records are text-only and 20% have two turns. Returns the paths of the two JSON files.
     """
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -112,13 +130,14 @@ def make_dataset(out: str | Path, n: int = 2000, seed: int = 0, image_size: int 
             records.append({"id": rid, "type": "text_only", "conversations": [
                 {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
             continue
-        cells = rng.sample(range(9), rng.randint(2, 5))
+        single = rng.random() < 0.6
+        cells = rng.sample(range(9), 1 if single else rng.randint(2, 5))
         shapes = [Shape(rng.choice(list(COLORS)), rng.choice(SHAPES), c, False) for c in cells]
         if rng.random() < 0.4:
             rng.choice(shapes).small = True
         image_name = f"{rid}.png"
         _draw(shapes, image_size).save(out / "images" / image_name)
-        candidates = _questions(shapes, rng)
+        candidates = _single_questions(shapes[0]) if single else _questions(shapes, rng)
         turns = rng.sample(candidates, 2 if rng.random() < 0.2 else 1)
         conversations = []
         for t, (_, question, answer) in enumerate(turns):

@@ -236,6 +236,22 @@ class SkipVisionLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return outputs
 
 
+def _register_checkpoint_key_mapping() -> None:
+    # transformers renames legacy Llava checkpoint keys (``language_model.lm_head`` -> ``lm_head`` ...) by class
+    # name or model_type, but skips classes defined outside transformers; without this, loading a llava-hf
+    # checkpoint would silently leave lm_head randomly initialised.
+    from transformers import conversion_mapping
+
+    mapping = conversion_mapping.get_checkpoint_conversion_mapping("llava")
+    if mapping is not None:
+        conversion_mapping.register_checkpoint_conversion_mapping(
+            SkipVisionLlavaForConditionalGeneration.__name__, mapping, overwrite=True
+        )
+
+
+_register_checkpoint_key_mapping()
+
+
 def convert(model: LlavaForConditionalGeneration, config: SkipVisionConfig) -> SkipVisionLlavaForConditionalGeneration:
     """Turn a ``LlavaForConditionalGeneration`` into a Skip-Vision model, in place, keeping its weights.
 

@@ -120,9 +120,28 @@ def build_model(
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
+    _informative_tower_init(model, preset)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+@torch.no_grad()
+def _informative_tower_init(model: LlavaForConditionalGeneration, preset: ModelPreset) -> None:
+    """Make the random tiny tower a usable (frozen) feature extractor.
+
+    With HF's default init (std 0.02) a random CLIP tower maps different images to nearly the same features, so a
+    tiny LLaVA cannot learn to read them in minutes. Three patch-embedding channels read each patch's mean colour,
+    the other filters and the position embeddings get a larger scale.
+    """
+    tower = model.model.vision_tower
+    embeddings = getattr(tower, "vision_model", tower).embeddings
+    patch = embeddings.patch_embedding.weight  # (hidden, 3, p, p)
+    patch.normal_(0.0, 1.0 / (3 * preset.patch_size))
+    patch[:3].zero_()
+    for channel in range(3):
+        patch[channel, channel].fill_(4.0 / preset.patch_size**2)
+    embeddings.position_embedding.weight.normal_(0.0, 0.5)
 
 
 def init_model(preset_name: str, out: str | Path, seed: int = 0) -> Path:

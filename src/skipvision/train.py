@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoProcessor, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoConfig, AutoProcessor, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .config import SkipVisionConfig
@@ -67,10 +67,39 @@ class StepTimer(TrainerCallback):
         self.durations.append(time.perf_counter() - self._start)
 
 
+class EpochSeededSampler(torch.utils.data.Sampler[int]):
+    """A shuffle that depends only on (seed, epoch), so a resumed run replays the exact batch order."""
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
 class SkipVisionTrainer(Trainer):
-    """``Trainer`` whose checkpoints appear atomically (tokens/s is logged by Trainer itself)."""
+    """``Trainer`` with atomic checkpoints and a resumable data order (tokens/s is logged by Trainer itself)."""
 
     _staging: str | None = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return EpochSeededSampler(len(dataset), seed)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # Trainer's own resume does a non-strict load_state_dict of the raw file, which misses keys that
+        # save_pretrained wrote in Llava's legacy layout; load through from_pretrained and insist on every key
+        model = model if model is not None else self.model
+        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(saved.state_dict(), strict=True)
 
     def _get_output_dir(self, trial):
         return self._staging or super()._get_output_dir(trial)
@@ -81,6 +110,10 @@ class SkipVisionTrainer(Trainer):
         final_root = super()._get_output_dir(trial)
         name = f"checkpoint-{self.state.global_step}"
         self._staging = os.path.join(final_root, ".staging")
+        if self.args.should_save:  # whatever is left there is a checkpoint a crash cut short
+            shutil.rmtree(self._staging, ignore_errors=True)
+        if self.args.world_size > 1:
+            torch.distributed.barrier()
         try:
             super()._save_checkpoint(model, trial)
         finally:
@@ -122,6 +155,7 @@ def save_atomically(model, processor, out: Path) -> None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train and save ``<output_dir>/final``; returns timings, losses and the final checkpoint path."""
+    set_seed(cfg.seed)  # before loading: new parameters (the summary scorer) are initialised at load time
     model, processor = load_for_training(cfg.model, cfg.skip_vision)
     if cfg.freeze_vision_tower:
         model.model.vision_tower.requires_grad_(False)
@@ -155,7 +189,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     timer = StepTimer()
     trainer = SkipVisionTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
-        callbacks=[timer],
+        processing_class=processor, callbacks=[timer],
     )
     resume_from = get_last_checkpoint(cfg.output_dir) if cfg.resume and os.path.isdir(cfg.output_dir) else None
     start = time.perf_counter()

@@ -1,0 +1,98 @@
+"""Training on HF Trainer: both variants, reload, resume after a crash, multi-process sync, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoProcessor
+
+from skipvision import SkipVisionLlavaForConditionalGeneration
+from skipvision.data import LlavaCollator, LlavaJsonDataset, make_dataset
+from skipvision.presets import MODEL_PRESETS, init_model
+from skipvision.train import TrainConfig, train
+
+SKIP = MODEL_PRESETS["tiny"].skip_vision
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    train_json, test_json = make_dataset(root / "data", n=60, seed=0, image_size=168)
+    return root, init_model("tiny", root / "base"), train_json
+
+
+def config(setup, name, **overrides):
+    root, base, data = setup
+    return TrainConfig(**{"model": str(base), "data": str(data), "output_dir": str(root / name), "max_steps": 2,
+                          "batch_size": 2, "save_steps": 1, "logging_steps": 1, **overrides})
+
+
+def logits_on_batch(model_dir, data):
+    model = SkipVisionLlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    ds = LlavaJsonDataset(data, None, processor)
+    batch = LlavaCollator(processor.tokenizer.pad_token_id)([ds[i] for i in range(3)])
+    batch.pop("labels")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "skip_vision"])
+def test_two_step_run_saves_a_reloadable_checkpoint(setup, variant):
+    cfg = config(setup, f"smoke-{variant}", skip_vision=SKIP if variant == "skip_vision" else None)
+    summary = train(cfg)
+    assert summary["steps"] == 2 and len(summary["losses"]) == 2 and all(loss > 0 for loss in summary["losses"])
+    final = summary["final"]
+    model = SkipVisionLlavaForConditionalGeneration.from_pretrained(final)
+    if variant == "vanilla":
+        assert model.skip_vision_config.num_skipped == 0 and model.summary_scorer is None
+    else:
+        assert model.skip_vision_config == SKIP
+    out = setup[0] / f"smoke-{variant}"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / ".staging").exists()
+    # the final save_pretrained directory and the last Trainer checkpoint hold the same model
+    assert torch.equal(logits_on_batch(final, setup[2]), logits_on_batch(out / "checkpoint-2", setup[2]))
+
+
+def test_resume_after_a_crash_reproduces_the_loss_curve(setup):
+    full = train(config(setup, "straight", skip_vision=SKIP, max_steps=4, save_steps=2))
+    crashed = setup[0] / "crashed"
+    partial = train(config(setup, "crashed", skip_vision=SKIP, max_steps=4, save_steps=2))
+    shutil.rmtree(crashed / "checkpoint-4")  # the crash: step 4 never reached disk
+    shutil.rmtree(crashed / "final")
+    (crashed / ".staging" / "checkpoint-6").mkdir(parents=True)  # a half-written checkpoint is never resumed
+    resumed = train(config(setup, "crashed", skip_vision=SKIP, max_steps=4, save_steps=2, resume=True))
+    assert resumed["resumed_from"].endswith("checkpoint-2")
+    assert partial["losses"] == full["losses"]
+    assert resumed["losses"][-2:] == pytest.approx(full["losses"][-2:], rel=1e-5)
+    assert resumed["params_checksum"] == pytest.approx(full["params_checksum"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_stay_in_sync(setup):
+    root, base, data = setup
+    out = root / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "skipvision",
+           "train", "--model", str(base), "--data", str(data), "--out", str(out), "--max-steps", "2",
+           "--batch-size", "2", "--save-steps", "2", "--train-vision-tower",
+           "--num-retained", "36", "--num-skipped", "36"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] and summary["steps"] == 2
+
+
+def test_cli_rejects_unknown_options_and_bad_settings(setup):
+    root, base, data = setup
+    run = lambda *a: subprocess.run([sys.executable, "-m", "skipvision", *a], capture_output=True, text=True)  # noqa: E731
+    bad = run("train", "--model", str(base), "--data", str(data), "--out", str(root / "x"), "--retain-ratio", "2")
+    assert bad.returncode == 2 and "unrecognized arguments: --retain-ratio" in bad.stderr
+    too_many = run("train", "--model", str(base), "--data", str(data), "--out", str(root / "x"),
+                   "--num-retained", "100", "--num-skipped", "100")
+    assert too_many.returncode == 2 and "larger than the 144 visual tokens" in too_many.stderr
