@@ -91,6 +91,7 @@ def test_training_step_flops_are_three_forwards():
 def test_presets_reproduce_the_paper_flops_column(preset, overrides, paper):
     p = F.PRESETS[preset]
     cfg = SkipVisionConfig(**{**p.skip_vision.to_dict(), **overrides})
+    assert p.paper_ratio(cfg) == paper
     result = F.compare(p.shape, cfg, text_tokens=F.DEFAULT_TEXT_TOKENS)
     assert abs(result["ratio"] - paper) <= 0.03, result["ratio"]
 

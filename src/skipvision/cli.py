@@ -129,7 +129,8 @@ def cmd_flops(args: argparse.Namespace) -> None:
         cfg = replace(cfg, merge="none")
     cfg.check_against(shape.visual_tokens, shape.text.layers, has_cls_token=True)
     result = F.compare(shape, cfg, text_tokens=args.text_tokens, new_tokens=args.new_tokens)
-    result.update(preset=args.preset, paper_ratio=preset.paper_ratio, note=preset.note)
+    paper = preset.paper_ratio(cfg)
+    result.update(preset=args.preset, paper_ratio=paper, note=preset.note)
     if args.json:
         print(json.dumps(result, indent=1))
         return
@@ -137,7 +138,7 @@ def cmd_flops(args: argparse.Namespace) -> None:
           f"{args.text_tokens} text tokens")
     print(f"  language-model prefill FLOPs  vanilla {result['vanilla_flops'] / 1e12:.3f} T   "
           f"skip-vision {result['skip_vision_flops'] / 1e12:.3f} T   ratio {result['ratio']:.3f}"
-          + (f"   (paper: {preset.paper_ratio:.2f})" if preset.paper_ratio else ""))
+          + (f"   (paper: {paper:.2f})" if paper else ""))
     print(f"  training-step FLOPs ratio {result['train_ratio']:.3f}")
     if args.new_tokens:
         print(f"  prefill + {args.new_tokens} decode steps ratio {result['generate_ratio']:.3f}")

@@ -213,34 +213,37 @@ LLAMA3_8B = TextShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_h
 class Preset:
     shape: ModelShape
     skip_vision: SkipVisionConfig
-    paper_ratio: float | None  # the paper's FLOPs column (method.md 6.2), where it has one
+    paper_ratios: dict[tuple[int, int], float]  # the paper's FLOPs column (method.md 6.2) by (N_r, N_s)
     note: str
+
+    def paper_ratio(self, cfg: SkipVisionConfig) -> float | None:
+        return self.paper_ratios.get((cfg.num_retained, cfg.num_skipped))
 
 
 PRESETS: dict[str, Preset] = {
     "llava-1.5-7b": Preset(
         ModelShape(VICUNA_7B, CLIP_L_336, visual_tokens=576),
         SkipVisionConfig(num_retained=64, num_skipped=156),
-        None,
+        {},
         "LLaVA-1.5-7B comparison setting (N_r=64, N_s=156); the paper prints no FLOPs for it",
     ),
     "llava-llama3-8b": Preset(
         ModelShape(LLAMA3_8B, CLIP_L_336, visual_tokens=576),
         SkipVisionConfig(num_retained=100, num_skipped=156),
-        0.25,
+        {(100, 156): 0.25, (256, 320): 0.60},
         "SV-LLaVA (N_r=100, N_s=156); --num-retained 256 --num-skipped 320 gives the 60% row",
     ),
     "llava-hd-llama3-8b": Preset(
         ModelShape(LLAMA3_8B, CLIP_L_336, visual_tokens=576 * 5, towers_per_image=5),
         SkipVisionConfig(num_retained=576, num_skipped=576),
-        0.50,
+        {(576, 576): 0.50},
         "SV-LLaVA-HD with the maximum 4 tiles (thumbnail + 4 x 576 tile tokens merged to 576); the paper's 50% "
         "needs a baseline of about 1.4 tiles on average, which the paper does not state (method.md section 4)",
     ),
     "cos-llama3-8b": Preset(
         ModelShape(LLAMA3_8B, replace(CLIP_L_448), visual_tokens=1296),
         SkipVisionConfig(num_retained=272, num_skipped=256),
-        0.25,
+        {(272, 256): 0.25},
         "SV-CoS: 16 global + 256 mid-level retained, 1024 fine tokens merged to 256; vision FLOPs count the "
         "CLIP-L/448 tower only (the Chain-of-Sight resampler is not modelled)",
     ),
