@@ -71,10 +71,8 @@ def make_inputs(model: SkipVisionLlavaForConditionalGeneration, batch: int, text
     vocab = cfg.text_config.vocab_size
     image_id = cfg.image_token_id
     before = text_tokens // 3
-    text = lambda n: torch.randint(5, vocab, (batch, n), generator=g)  # noqa: E731
-    text_ids = [t for t in range(5, vocab) if t != image_id]
-    pick = lambda n: torch.tensor(text_ids)[torch.randint(0, len(text_ids), (batch, n), generator=g)]  # noqa: E731
-    del text
+    text_ids = torch.tensor([t for t in range(5, vocab) if t != image_id])
+    pick = lambda n: text_ids[torch.randint(0, len(text_ids), (batch, n), generator=g)]  # noqa: E731
     ids = torch.cat([
         torch.full((batch, 1), cfg.text_config.bos_token_id or 1),
         pick(before),

@@ -125,8 +125,6 @@ def cmd_flops(args: argparse.Namespace) -> None:
     if args.num_retained is not None or args.num_skipped is not None:
         cfg = replace(cfg, num_retained=args.num_retained if args.num_retained is not None else cfg.num_retained,
                       num_skipped=args.num_skipped if args.num_skipped is not None else cfg.num_skipped)
-    if args.tiles is not None and cfg.num_skipped == 576 and args.tiles == 1:
-        cfg = replace(cfg, merge="none")
     cfg.check_against(shape.visual_tokens, shape.text.layers, has_cls_token=True)
     result = F.compare(shape, cfg, text_tokens=args.text_tokens, new_tokens=args.new_tokens)
     paper = preset.paper_ratio(cfg)
