@@ -297,3 +297,12 @@ def test_config_errors_against_model():
     config.skip_vision = SkipVisionConfig(num_retained=16, num_skipped=40, merge="none").to_dict()
     with pytest.raises(ValueError, match="merge='none' needs num_skipped == the 48 skip candidates"):
         SkipVisionLlavaForConditionalGeneration(config)
+
+
+def test_summary_scorer_gets_gradient_on_text_only_batches():
+    """DDP/ZeRO reduce the same parameters on every rank, so a text-only batch must still touch the scorer."""
+    _, model = pair(DEFAULT)
+    model.train()
+    ids, mask, _ = prompts([0, 0], DEFAULT, [3, 6], [4, 2])
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.summary_scorer.parameters())

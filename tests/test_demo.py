@@ -1,0 +1,25 @@
+"""The main job end to end on a tiny budget: data, two trainings, eval, measurements, report, plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from skipvision.demo import demo
+
+FIELDS = ("accuracy", "train_seconds", "train_step_seconds", "train_flops", "prefill_seconds",
+          "decode_seconds_per_token", "kv_cache_bytes")
+
+
+@pytest.mark.slow
+def test_demo_writes_report_and_plot(tmp_path):
+    demo(out=tmp_path, steps=3, num_examples=60)
+    report = json.loads((tmp_path / "report.json").read_text())
+    for variant in ("vanilla", "skip_vision"):
+        for field in FIELDS:
+            assert isinstance(report[variant][field], (int, float)), (variant, field)
+    assert report["skip_vision"]["kv_cache_bytes"] < report["vanilla"]["kv_cache_bytes"]
+    assert report["skip_vision"]["train_flops"] < report["vanilla"]["train_flops"]
+    assert 0 < report["chance_accuracy"] < 1
+    assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
