@@ -231,7 +231,8 @@ class SkipVisionLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             use_cache=use_cache,
             **kwargs,
         )
-        if has_skipped and cfg.skip_kv_cache and isinstance(outputs.past_key_values, Cache):
+        # training forwards also return a cache (config.use_cache); nobody decodes from it, so do not prune it
+        if has_skipped and cfg.skip_kv_cache and not self.training and isinstance(outputs.past_key_values, Cache):
             prune_skipped_kv(outputs.past_key_values, skipped)
         return outputs
 

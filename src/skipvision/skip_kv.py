@@ -26,6 +26,7 @@ class SkipKVState:
     prompt_length: int
     kept_index: torch.Tensor  # (batch, K) long
     slot_valid: torch.Tensor  # (batch, K) bool
+    all_slots_valid: bool  # computed once, so decode steps need no device sync
 
     @property
     def num_slots(self) -> int:
@@ -45,7 +46,7 @@ class SkipKVState:
         """
         full = self.full_length(cache_length, query_length)
         if attention_mask is None:
-            if bool(self.slot_valid.all()):
+            if self.all_slots_valid:
                 return None
             attention_mask = torch.ones(self.kept_index.shape[0], full, dtype=torch.long, device=self.kept_index.device)
         if attention_mask.ndim != 2:
@@ -109,6 +110,6 @@ def prune_skipped_kv(cache: Cache, skipped: torch.Tensor) -> SkipKVState:
         # torch.where, not a multiply: a skipped entry may hold NaN/inf and must not leak into invalid slots
         layer.keys = torch.where(valid, layer.keys.gather(2, index), 0)
         layer.values = torch.where(valid, layer.values.gather(2, index), 0)
-    state = SkipKVState(prompt_length=length, kept_index=kept_index, slot_valid=slot_valid)
+    state = SkipKVState(length, kept_index, slot_valid, all_slots_valid=bool(slot_valid.all()))
     setattr(cache, STATE_ATTR, state)
     return state
