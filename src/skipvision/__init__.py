@@ -1,6 +1,6 @@
 """skipvision: Skip-Vision (arXiv 2503.21817) for HF vision-language models."""
 
-from .config import SkipVisionConfig, num_image_tokens
+from .config import SkipVisionConfig, num_image_tokens, vanilla_config
 from .layout import skipped_token_mask
 from .llava import SkipVisionLlavaForConditionalGeneration, configure_processor, convert, num_visual_tokens
 from .merge import bipartite_merge
@@ -22,4 +22,5 @@ __all__ = [
     "prune_skipped_kv",
     "skip_kv_state",
     "skipped_token_mask",
+    "vanilla_config",
 ]

@@ -19,9 +19,8 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from . import flops as F
-from .config import SkipVisionConfig
+from .config import SkipVisionConfig, vanilla_config
 from .llava import SkipVisionLlavaForConditionalGeneration, convert, num_visual_tokens
-from .presets import vanilla_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -134,3 +134,11 @@ class SkipVisionConfig:
 def num_image_tokens(config: SkipVisionConfig) -> int:
     """Placeholder tokens one image occupies in ``input_ids``: ``N_r + N_s + 2`` (``N_r + N_s`` without summaries)."""
     return config.num_image_tokens
+
+
+def vanilla_config(num_visual_tokens: int) -> SkipVisionConfig:
+    """The Skip-Vision config that is exactly vanilla LLaVA: every token retained, nothing skipped."""
+    return SkipVisionConfig(
+        num_retained=num_visual_tokens, num_skipped=0, selection="position", merge="none", summary_tokens=False,
+        skip_kv_cache=False,
+    )

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+from .llava import processor_image_tokens
+
 IGNORE_INDEX = -100
 
 COLORS = {
@@ -260,11 +262,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
 
     def tokens_per_image(self) -> int:
         """Placeholders per image, as the processor expands ``<image>``."""
-        processor = self.processor
-        crop = processor.image_processor.crop_size
-        count = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
-        count += processor.num_additional_image_tokens
-        return count - (1 if processor.vision_feature_select_strategy == "default" else 0)
+        return processor_image_tokens(self.processor)
 
 
 @dataclass

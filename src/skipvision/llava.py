@@ -275,6 +275,22 @@ def convert(model: LlavaForConditionalGeneration, config: SkipVisionConfig) -> S
     return model
 
 
+def _processor_base_image_tokens(processor: ProcessorMixin) -> int:
+    """LlavaProcessor's placeholder count per image without ``num_additional_image_tokens``:
+    ``(H // patch) * (W // patch)`` of the processed image, minus 1 for the "default" strategy."""
+    for name in ("patch_size", "num_additional_image_tokens", "image_processor"):
+        if not hasattr(processor, name):
+            raise TypeError(f"expected a LlavaProcessor; {type(processor).__name__} has no {name!r}")
+    crop = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size
+    patches = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
+    return patches - (1 if processor.vision_feature_select_strategy == "default" else 0)
+
+
+def processor_image_tokens(processor: ProcessorMixin) -> int:
+    """Placeholders a ``LlavaProcessor`` expands each ``<image>`` to."""
+    return _processor_base_image_tokens(processor) + processor.num_additional_image_tokens
+
+
 def configure_processor(processor: ProcessorMixin, config: SkipVisionConfig) -> ProcessorMixin:
     """Make a ``LlavaProcessor`` expand each ``<image>`` to ``num_image_tokens(config)`` placeholders, in place.
 
@@ -282,12 +298,5 @@ def configure_processor(processor: ProcessorMixin, config: SkipVisionConfig) -> 
     "default" strategy) from the processed image size; we set ``num_additional_image_tokens`` so that count is
     the Skip-Vision one. The setting is saved by ``processor.save_pretrained``.
     """
-    for name in ("patch_size", "num_additional_image_tokens", "image_processor"):
-        if not hasattr(processor, name):
-            raise TypeError(f"configure_processor expects a LlavaProcessor; {type(processor).__name__} has no {name!r}")
-    crop = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size
-    height, width = crop["height"], crop["width"]
-    patches = (height // processor.patch_size) * (width // processor.patch_size)
-    dropped = 1 if processor.vision_feature_select_strategy == "default" else 0
-    processor.num_additional_image_tokens = config.num_image_tokens - patches + dropped
+    processor.num_additional_image_tokens = config.num_image_tokens - _processor_base_image_tokens(processor)
     return processor

@@ -159,11 +159,3 @@ def init_model(preset_name: str, out: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     build_processor(preset, tokenizer).save_pretrained(out)
     return out
-
-
-def vanilla_config(num_visual_tokens: int) -> SkipVisionConfig:
-    """The Skip-Vision config that is exactly vanilla LLaVA: every token retained, nothing skipped."""
-    return SkipVisionConfig(
-        num_retained=num_visual_tokens, num_skipped=0, selection="position", merge="none", summary_tokens=False,
-        skip_kv_cache=False,
-    )

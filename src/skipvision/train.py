@@ -22,10 +22,9 @@ import torch
 from transformers import AutoConfig, AutoProcessor, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
-from .config import SkipVisionConfig
+from .config import SkipVisionConfig, vanilla_config
 from .data import LlavaCollator, LlavaJsonDataset
 from .llava import SkipVisionLlavaForConditionalGeneration, configure_processor, num_visual_tokens
-from .presets import vanilla_config
 
 
 @dataclass
