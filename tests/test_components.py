@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skipvision import SkipVisionConfig, SummaryScorer, bipartite_merge, num_image_tokens
+import skipvision
+from skipvision import ImageLayout, SkipVisionConfig, SummaryScorer, bipartite_merge, num_image_tokens
+from skipvision.config import VisionFacts
 
 
 def reference_merge(x: torch.Tensor, num_out: int) -> tuple[torch.Tensor, list[list[int]]]:
@@ -119,4 +121,22 @@ def test_config_validation_and_round_trip():
     with pytest.raises(ValueError, match="unknown SkipVisionConfig option"):
         SkipVisionConfig.from_dict({"num_retained": 1, "num_skipped": 1, "ratio": 2})
     with pytest.raises(ValueError, match="larger than the 576 visual tokens"):
-        SkipVisionConfig(num_retained=500, num_skipped=100).check_against(576, 32, True)
+        SkipVisionConfig(num_retained=500, num_skipped=100).check_against(VisionFacts(576, 576, True, 32))
+    # a variable-size (anyres) family: N_r is bounded by the base image, N_s by nothing
+    SkipVisionConfig(num_retained=576, num_skipped=2000).check_against(VisionFacts(576, None, True, 32))
+    with pytest.raises(ValueError, match="larger than the 576 tokens the model can retain per image"):
+        SkipVisionConfig(num_retained=600, num_skipped=10).check_against(VisionFacts(576, None, True, 32))
+    with pytest.raises(ValueError, match="num_retained=None keeps every visual token"):
+        SkipVisionConfig(num_retained=None, num_skipped=3)
+    with pytest.raises(ValueError, match="skip_layers must be a list"):
+        SkipVisionConfig(num_retained=2, num_skipped=3, skip_layers=3)
+
+
+def test_image_layout_per_image_count():
+    cfg = SkipVisionConfig(num_retained=4, num_skipped=6)
+    assert cfg.image_layout(20) == ImageLayout(4, 6, True)  # 16 candidates merged to 6
+    assert cfg.image_layout(8) == ImageLayout(4, 4, True)  # 4 candidates, fewer than N_s: all skipped, unmerged
+    assert cfg.image_layout(4) == ImageLayout(4, 0, False)  # nothing to skip: R alone, no summaries
+    assert cfg.image_layout(20).total == 12 and cfg.image_layout(8).skipped_span == (5, 9)
+    native = skipvision.vanilla_config().image_layout(37)
+    assert native.native and native.total == 37 and native.skipped == 0

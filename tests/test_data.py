@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from transformers import AutoProcessor
 
 import skipvision
 from skipvision.data import IGNORE_INDEX, LlavaCollator, LlavaJsonDataset, RecordError, make_dataset
@@ -20,7 +19,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def processor(checkpoint):
-    return AutoProcessor.from_pretrained(checkpoint)
+    return skipvision.load_processor(checkpoint, skipvision.presets.MODEL_PRESETS["tiny"].skip_vision)
 
 
 def write(tmp_path, records, images=()):

@@ -9,9 +9,8 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoProcessor
 
-from skipvision import SkipVisionLlavaForConditionalGeneration
+import skipvision
 from skipvision.data import LlavaCollator, LlavaJsonDataset, make_dataset
 from skipvision.presets import MODEL_PRESETS, init_model
 from skipvision.train import TrainConfig, train
@@ -33,8 +32,8 @@ def config(setup, name, **overrides):
 
 
 def logits_on_batch(model_dir, data):
-    model = SkipVisionLlavaForConditionalGeneration.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
+    model = skipvision.from_pretrained(model_dir).eval()
+    processor = skipvision.load_processor(model_dir)
     ds = LlavaJsonDataset(data, None, processor)
     batch = LlavaCollator(processor.tokenizer.pad_token_id)([ds[i] for i in range(3)])
     batch.pop("labels")
@@ -48,7 +47,7 @@ def test_two_step_run_saves_a_reloadable_checkpoint(setup, variant):
     summary = train(cfg)
     assert summary["steps"] == 2 and len(summary["losses"]) == 2 and all(loss > 0 for loss in summary["losses"])
     final = summary["final"]
-    model = SkipVisionLlavaForConditionalGeneration.from_pretrained(final)
+    model = skipvision.from_pretrained(final)
     if variant == "vanilla":
         assert model.skip_vision_config.num_skipped == 0 and model.summary_scorer is None
     else:

@@ -1,26 +1,49 @@
 """skipvision: Skip-Vision (arXiv 2503.21817) for HF vision-language models."""
 
-from .config import SkipVisionConfig, num_image_tokens, vanilla_config
+from .api import (
+    checkpoint_skip_vision,
+    configure_processor,
+    convert,
+    family_of,
+    from_pretrained,
+    load_processor,
+    vision_facts,
+)
+from .config import ImageLayout, SkipVisionConfig, num_image_tokens, vanilla_config
+from .families import FAMILIES
+from .families.llava import SkipVisionLlavaForConditionalGeneration
+from .families.llava_next import SkipVisionLlavaNextForConditionalGeneration
+from .families.llava_onevision import SkipVisionLlavaOnevisionForConditionalGeneration
 from .layout import skipped_token_mask
-from .llava import SkipVisionLlavaForConditionalGeneration, configure_processor, convert, num_visual_tokens
 from .merge import bipartite_merge
+from .model import Family, SkipVisionMixin
 from .skip_kv import SkipKVState, prune_skipped_kv, skip_kv_state
 from .summary import SummaryScorer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "FAMILIES",
+    "Family",
+    "ImageLayout",
     "SkipKVState",
     "SkipVisionConfig",
     "SkipVisionLlavaForConditionalGeneration",
+    "SkipVisionLlavaNextForConditionalGeneration",
+    "SkipVisionLlavaOnevisionForConditionalGeneration",
+    "SkipVisionMixin",
     "SummaryScorer",
     "bipartite_merge",
+    "checkpoint_skip_vision",
     "configure_processor",
     "convert",
+    "family_of",
+    "from_pretrained",
+    "load_processor",
     "num_image_tokens",
-    "num_visual_tokens",
     "prune_skipped_kv",
     "skip_kv_state",
     "skipped_token_mask",
     "vanilla_config",
+    "vision_facts",
 ]

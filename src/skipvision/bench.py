@@ -1,9 +1,11 @@
 """Side-by-side latency / memory benchmark: vanilla vs Skip-Vision without Skip KV-cache vs Skip-Vision.
 
-All three variants share the same weights and inputs and are measured in one run, with warm-up, repetitions and
-medians. Timed: prefill (time to first token, vision tower included), decode time per token, end-to-end
-``generate`` of a fixed number of new tokens (EOS disabled), and a training step (forward + backward + AdamW).
-Also reported: KV-cache bytes after prefill, peak CUDA memory (on a GPU), analytic FLOPs and achieved FLOP/s.
+All three variants share the same weights and inputs (built by the family's own processor from synthetic images)
+and are measured in one run, with warm-up, repetitions and medians. Timed: prefill (time to first token, vision
+tower included), decode time per token, end-to-end ``generate`` of a fixed number of new tokens (EOS disabled),
+and a training step (forward + backward + AdamW). Also reported: KV-cache bytes after prefill, peak CUDA memory
+(on a GPU), analytic FLOPs of the exact batch and achieved FLOP/s. For anyres families (LLaVA-NeXT, OneVision)
+the image size sets the tile count, so the same run can show how cost grows with resolution.
 """
 
 from __future__ import annotations
@@ -15,31 +17,35 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
-from transformers import LlavaForConditionalGeneration
+from PIL import Image
+from transformers import PreTrainedModel, ProcessorMixin
 
 from . import flops as F
+from .api import configure_processor, convert, family_of
 from .config import SkipVisionConfig, vanilla_config
-from .llava import SkipVisionLlavaForConditionalGeneration, convert, num_visual_tokens
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WORDS = "what color shape is the left right small large count how many square circle triangle".split()
 
 
 @dataclass
 class BenchSettings:
     batch_sizes: tuple[int, ...] = (1, 4)
     dtypes: tuple[str, ...] = ("fp32",)
+    tiles: tuple[int, ...] = (0,)  # anyres tile counts to measure (0 = the tower's own image size, no tiling)
     new_tokens: int = 16
-    text_tokens: int = 24  # prompt text around the image
+    text_tokens: int = 24  # prompt words around the image
     warmup: int = 1
     repeats: int = 3
     train: bool = True
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def variants(skip: SkipVisionConfig, visual_tokens: int) -> dict[str, SkipVisionConfig]:
+def variants(skip: SkipVisionConfig) -> dict[str, SkipVisionConfig]:
     return {
-        "vanilla": vanilla_config(visual_tokens),
+        "vanilla": vanilla_config(),
         "skip_vision_no_kv": replace(skip, skip_kv_cache=False),
         "skip_vision": replace(skip, skip_kv_cache=True),
     }
@@ -63,41 +69,49 @@ def median_seconds(fn: Callable[[], Any], settings: BenchSettings) -> float:
     return statistics.median(times)
 
 
-def make_inputs(model: SkipVisionLlavaForConditionalGeneration, batch: int, text_tokens: int, device: str):
-    """A batch of identical-layout prompts: BOS, text, one image, text; random pixels; labels on the text."""
-    cfg = model.config
-    g = torch.Generator().manual_seed(0)
-    vocab = cfg.text_config.vocab_size
-    image_id = cfg.image_token_id
+def image_size_for_tiles(config: Any, tiles: int) -> tuple[int, int]:
+    """(width, height) of an image that the anyres processor splits into ``tiles`` tiles (0: the tower's size)."""
+    side = config.vision_config.image_size
+    if tiles == 0:
+        return side, side
+    for height, width in getattr(config, "image_grid_pinpoints", None) or []:
+        if (height // side) * (width // side) == tiles:
+            return width, height
+    raise ValueError(f"no anyres grid of {tiles} tiles in this model's image_grid_pinpoints")
+
+
+def make_inputs(
+    processor: ProcessorMixin, batch: int, text_tokens: int, image_size: tuple[int, int], device: str,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """A batch of prompts (words, one image, words) expanded by ``processor``; random pixels; labels on text."""
+    rng = np.random.default_rng(0)
     before = text_tokens // 3
-    text_ids = torch.tensor([t for t in range(5, vocab) if t != image_id])
-    pick = lambda n: text_ids[torch.randint(0, len(text_ids), (batch, n), generator=g)]  # noqa: E731
-    ids = torch.cat([
-        torch.full((batch, 1), cfg.text_config.bos_token_id or 1),
-        pick(before),
-        torch.full((batch, model.skip_vision_config.num_image_tokens), image_id),
-        pick(text_tokens - before),
-    ], dim=1)
-    vision = cfg.vision_config
-    pixels = torch.randn(batch, vision.num_channels, vision.image_size, vision.image_size, generator=g)
-    labels = ids.masked_fill(ids == image_id, -100)
-    return {
-        "input_ids": ids.to(device),
-        "attention_mask": torch.ones_like(ids).to(device),
-        "pixel_values": pixels.to(device, model.dtype),
-        "labels": labels.to(device),
-    }
+    texts = []
+    for _ in range(batch):
+        words = [WORDS[i] for i in rng.integers(0, len(WORDS), text_tokens)]
+        texts.append(" ".join(words[:before]) + " <image> " + " ".join(words[before:]))
+    width, height = image_size
+    images = [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(batch)]
+    processor.tokenizer.padding_side = "left"
+    inputs = dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == image_id, -100)
+    inputs["labels"] = labels.masked_fill(inputs["attention_mask"] == 0, -100)
+    out = {k: v.to(device) for k, v in inputs.items()}
+    out["pixel_values"] = out["pixel_values"].to(dtype)
+    return out
 
 
 def kv_cache_bytes(cache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
-def measure(model: SkipVisionLlavaForConditionalGeneration, batch: int, settings: BenchSettings) -> dict[str, Any]:
-    inputs = make_inputs(model, batch, settings.text_tokens, settings.device)
+def measure(model: PreTrainedModel, inputs: dict[str, torch.Tensor], settings: BenchSettings) -> dict[str, Any]:
     prompt = {k: v for k, v in inputs.items() if k != "labels"}
-    gen_kwargs = dict(do_sample=False, pad_token_id=model.config.text_config.pad_token_id or 0,
-                      suppress_tokens=[model.config.image_token_id])
+    text_config = model.config.get_text_config()
+    gen_kwargs = dict(do_sample=False, pad_token_id=text_config.pad_token_id or 0,
+                      suppress_tokens=[family_of(model).image_token_id(model.config)])
     result: dict[str, Any] = {}
     model.eval()
     with torch.no_grad():
@@ -106,16 +120,15 @@ def measure(model: SkipVisionLlavaForConditionalGeneration, batch: int, settings
         del cache
         if settings.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        result["prefill_seconds"] = median_seconds(
-            lambda: model(**prompt, use_cache=True, logits_to_keep=1), settings
-        )
+        result["prefill_seconds"] = median_seconds(lambda: model(**prompt, use_cache=True, logits_to_keep=1), settings)
         n = settings.new_tokens
         one = median_seconds(lambda: model.generate(**prompt, max_new_tokens=1, min_new_tokens=1, **gen_kwargs),
                              settings)
         full = median_seconds(lambda: model.generate(**prompt, max_new_tokens=n + 1, min_new_tokens=n + 1,
                                                      **gen_kwargs), settings)
         result["generate_seconds"] = full
-        result["decode_seconds_per_token"] = max(full - one, 0.0) / n
+        # a decode time too small to resolve (noise made n+1 tokens no slower than 1) is reported as None, never 0
+        result["decode_seconds_per_token"] = (full - one) / n if full > one else None
         if settings.device.startswith("cuda"):
             result["peak_inference_memory_bytes"] = torch.cuda.max_memory_allocated()
     if settings.train:
@@ -137,68 +150,88 @@ def measure(model: SkipVisionLlavaForConditionalGeneration, batch: int, settings
     return result
 
 
-def analytic(model: SkipVisionLlavaForConditionalGeneration, batch: int, settings: BenchSettings) -> dict[str, float]:
-    shape = F.shape_of(model.config)
-    text = settings.text_tokens + 1
-    rep = F.report(shape, model.skip_vision_config, text_tokens=text, images=1, new_tokens=settings.new_tokens)
-    vision = sum(rep["vision"].values())
-    counts = F.sequence_counts(shape, text, 1, model.skip_vision_config)
-    train_lm = rep["train_step_total"]
-    return {
-        "prefill_flops": batch * (rep["prefill_total"] + vision),
-        "decode_flops_per_token": batch * rep["decode_total"] / max(1, settings.new_tokens),
-        # trained tower: 3x its forward too (the bench trains every parameter)
-        "train_flops": batch * (train_lm + 3 * vision),
-        "attention_length": counts.attention_length,
-    }
+RATIO_KEYS = ("prefill_seconds", "decode_seconds_per_token", "generate_seconds", "train_step_seconds",
+              "kv_cache_bytes", "prefill_flops", "train_flops")
 
 
-def run(base: LlavaForConditionalGeneration, skip: SkipVisionConfig, settings: BenchSettings) -> list[dict[str, Any]]:
-    """Benchmark every (dtype, batch, variant); rows carry ratios against vanilla of the same dtype and batch."""
+def run(
+    base: PreTrainedModel, processor: ProcessorMixin, skip: SkipVisionConfig, settings: BenchSettings
+) -> list[dict[str, Any]]:
+    """Benchmark every (dtype, tiles, batch, variant); rows carry ratios against vanilla of the same setting."""
     torch.manual_seed(0)
     rows = []
-    visual = num_visual_tokens(base.config)
     for dtype_name in settings.dtypes:
-        for batch in settings.batch_sizes:
-            measured = {}
-            for name, cfg in variants(skip, visual).items():
-                model = convert(copy.deepcopy(base), cfg).to(settings.device, DTYPES[dtype_name])
-                row = {"variant": name, "batch": batch, "dtype": dtype_name, "device": settings.device,
-                       "attention": model.config.text_config._attn_implementation}
-                row.update(measure(model, batch, settings))
-                row.update(analytic(model, batch, settings))
-                measured[name] = row
-                del model
-                if settings.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-            vanilla = measured["vanilla"]
-            for row in measured.values():
-                for key in ("prefill_seconds", "decode_seconds_per_token", "generate_seconds", "train_step_seconds",
-                            "kv_cache_bytes", "prefill_flops", "train_flops"):
-                    if key in row and vanilla.get(key):
-                        row[f"{key}_ratio"] = row[key] / vanilla[key]
-                if row.get("train_step_seconds"):
-                    row["train_tflops_per_second"] = row["train_flops"] / row["train_step_seconds"] / 1e12
-                row["prefill_tflops_per_second"] = row["prefill_flops"] / row["prefill_seconds"] / 1e12
-                rows.append(row)
+        dtype = DTYPES[dtype_name]
+        for tiles in settings.tiles:
+            image_size = image_size_for_tiles(base.config, tiles)
+            for batch in settings.batch_sizes:
+                measured = {}
+                for name, cfg in variants(skip).items():
+                    model = convert(copy.deepcopy(base), cfg).to(settings.device, dtype)
+                    variant_processor = configure_processor(copy.deepcopy(processor), cfg, base.config)
+                    inputs = make_inputs(variant_processor, batch, settings.text_tokens, image_size, settings.device,
+                                         dtype)
+                    analytic = F.batch_flops(model, inputs, train_tower=True)
+                    row = {"variant": name, "batch": batch, "dtype": dtype_name, "tiles": tiles,
+                           "image_size": list(image_size), "device": settings.device,
+                           "attention": model.config.get_text_config()._attn_implementation,
+                           "sequence_length": int(inputs["input_ids"].shape[1]),
+                           "prefill_flops": analytic["prefill"], "train_flops": analytic["train"]}
+                    row.update(measure(model, inputs, settings))
+                    measured[name] = row
+                    del model
+                    if settings.device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+                vanilla = measured["vanilla"]
+                for row in measured.values():
+                    for key in RATIO_KEYS:
+                        if row.get(key) is not None and vanilla.get(key):
+                            row[f"{key}_ratio"] = row[key] / vanilla[key]
+                    if row.get("train_step_seconds"):
+                        row["train_tflops_per_second"] = row["train_flops"] / row["train_step_seconds"] / 1e12
+                    row["prefill_tflops_per_second"] = row["prefill_flops"] / row["prefill_seconds"] / 1e12
+                    rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ("dtype", "B", "variant", "prefill ms", "x", "decode ms/tok", "x", "generate ms", "x",
-            "train ms", "x", "flops x", "KV MiB", "x", "train TF/s")
+    tiled = any(r.get("tiles") for r in rows)
+    head = ("dtype", *(("tiles",) if tiled else ()), "B", "variant", "seq", "prefill ms", "x", "prefill flops x",
+            "decode ms/tok", "x", "generate ms", "x", "train ms", "x", "train flops x", "KV MiB", "x", "train TF/s")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     ms = lambda v: f"{1e3 * v:.1f}" if v is not None else "-"  # noqa: E731
     rx = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
     for r in rows:
         lines.append(" | ".join([
-            r["dtype"], str(r["batch"]), r["variant"],
-            ms(r["prefill_seconds"]), rx(r.get("prefill_seconds_ratio")),
+            r["dtype"], *((str(r["tiles"]),) if tiled else ()), str(r["batch"]), r["variant"],
+            str(r["sequence_length"]),
+            ms(r["prefill_seconds"]), rx(r.get("prefill_seconds_ratio")), rx(r.get("prefill_flops_ratio")),
             ms(r["decode_seconds_per_token"]), rx(r.get("decode_seconds_per_token_ratio")),
             ms(r["generate_seconds"]), rx(r.get("generate_seconds_ratio")),
-            ms(r.get("train_step_seconds")), rx(r.get("train_step_seconds_ratio")),
-            rx(r.get("train_flops_ratio")),
+            ms(r.get("train_step_seconds")), rx(r.get("train_step_seconds_ratio")), rx(r.get("train_flops_ratio")),
             f"{r['kv_cache_bytes'] / 2**20:.2f}", rx(r.get("kv_cache_bytes_ratio")),
             f"{r['train_tflops_per_second']:.3f}" if r.get("train_tflops_per_second") else "-",
         ]))
     return "\n".join("| " + line + " |" for line in lines)
+
+
+def scaling_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """How prefill and training cost grow with tiles: per (dtype, batch), the growth from the fewest to each tile
+    count, Skip-Vision's growth as a fraction of vanilla's, in analytic FLOPs and measured time."""
+    out = []
+    keys = {(r["dtype"], r["batch"]) for r in rows}
+    for dtype, batch in sorted(keys):
+        group = {(r["variant"], r["tiles"]): r for r in rows if r["dtype"] == dtype and r["batch"] == batch}
+        tiles = sorted({t for _, t in group})
+        if len(tiles) < 2:
+            continue
+        first = tiles[0]
+        for t in tiles[1:]:
+            entry = {"dtype": dtype, "batch": batch, "from_tiles": first, "to_tiles": t}
+            for key in ("prefill_flops", "prefill_seconds", "train_flops", "train_step_seconds"):
+                grow = {v: group[(v, t)].get(key, 0) - group[(v, first)].get(key, 0)
+                        for v in ("vanilla", "skip_vision") if group[(v, t)].get(key) is not None}
+                if grow.get("vanilla"):
+                    entry[f"{key}_growth_ratio"] = grow.get("skip_vision", float("nan")) / grow["vanilla"]
+            out.append(entry)
+    return out

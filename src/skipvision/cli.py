@@ -8,7 +8,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import MERGES, SELECTIONS, SkipVisionConfig
+from .config import MERGES, SkipVisionConfig
+from .selection import SELECTIONS
 
 
 def _add_skip_vision_args(p: argparse.ArgumentParser) -> None:
@@ -16,7 +17,7 @@ def _add_skip_vision_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vanilla", action="store_true", help="plain LLaVA (every token retained, nothing skipped)")
     g.add_argument("--num-retained", type=int, help="N_r: visual tokens with full blocks")
     g.add_argument("--num-skipped", type=int, help="N_s: skipped tokens after merging")
-    g.add_argument("--selection", choices=SELECTIONS, default="cls_attention")
+    g.add_argument("--selection", choices=list(SELECTIONS), default="cls_attention")
     g.add_argument("--merge", choices=MERGES, default="tome")
     g.add_argument("--no-summary-tokens", action="store_true")
     g.add_argument("--no-skip-kv-cache", action="store_true")
@@ -43,10 +44,9 @@ def _skip_vision_from_args(args: argparse.Namespace, default: SkipVisionConfig |
 
 
 def _checkpoint_skip_vision(model_dir: str) -> SkipVisionConfig | None:
-    from transformers import AutoConfig
+    from .api import checkpoint_skip_vision
 
-    raw = getattr(AutoConfig.from_pretrained(model_dir), "skip_vision", None)
-    return SkipVisionConfig.from_dict(raw) if raw else None
+    return checkpoint_skip_vision(model_dir)
 
 
 def cmd_init_model(args: argparse.Namespace) -> None:
@@ -112,27 +112,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_flops(args: argparse.Namespace) -> None:
     from . import flops as F
+    from .config import VisionFacts
 
     if args.preset not in F.PRESETS:
         raise SystemExit(f"error: unknown preset {args.preset!r}; choose one of {sorted(F.PRESETS)}")
     preset = F.PRESETS[args.preset]
-    shape = preset.shape
-    if args.tiles is not None:
-        if args.preset != "llava-hd-llama3-8b":
-            raise SystemExit("error: --tiles applies to llava-hd-llama3-8b only")
-        shape = replace(shape, visual_tokens=576 * (1 + args.tiles), towers_per_image=1 + args.tiles)
+    shape = preset.shape_for(args.tiles)
     cfg = preset.skip_vision
     if args.num_retained is not None or args.num_skipped is not None:
         cfg = replace(cfg, num_retained=args.num_retained if args.num_retained is not None else cfg.num_retained,
                       num_skipped=args.num_skipped if args.num_skipped is not None else cfg.num_skipped)
-    cfg.check_against(shape.visual_tokens, shape.text.layers, has_cls_token=True)
+    fixed = None if preset.anyres_newlines is not None else shape.visual_tokens
+    cfg.check_against(VisionFacts(shape.eligible, fixed, has_cls=True, num_layers=shape.text.layers))
     result = F.compare(shape, cfg, text_tokens=args.text_tokens, new_tokens=args.new_tokens)
     paper = preset.paper_ratio(cfg)
-    result.update(preset=args.preset, paper_ratio=paper, note=preset.note)
+    result.update(preset=args.preset, paper_ratio=paper, note=preset.note, tiles=args.tiles)
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"{args.preset}: N_r={cfg.num_retained} N_s={cfg.num_skipped}, V={shape.visual_tokens}, "
+    tiles = f", {shape.towers_per_image - 1} tiles" if preset.anyres_newlines is not None else ""
+    print(f"{args.preset}: N_r={cfg.num_retained} N_s={cfg.num_skipped}, V={shape.native_tokens}{tiles}, "
           f"{args.text_tokens} text tokens")
     print(f"  language-model prefill FLOPs  vanilla {result['vanilla_flops'] / 1e12:.3f} T   "
           f"skip-vision {result['skip_vision_flops'] / 1e12:.3f} T   ratio {result['ratio']:.3f}"
@@ -146,43 +145,50 @@ def cmd_flops(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import BenchSettings, format_table, run
+    from .bench import BenchSettings, format_table, run, scaling_summary
 
-    base, skip, source = _bench_model(args)
+    base, processor, skip, source = _bench_model(args)
     settings = BenchSettings(
-        batch_sizes=tuple(args.batch_sizes), dtypes=tuple(args.dtypes), new_tokens=args.new_tokens,
-        repeats=args.repeats, warmup=args.warmup, train=not args.no_train,
+        batch_sizes=tuple(args.batch_sizes), dtypes=tuple(args.dtypes), tiles=tuple(args.tiles),
+        new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, train=not args.no_train,
         **({"device": args.device} if args.device else {}),
     )
-    rows = run(base, skip, settings)
-    table = format_table(rows)
+    rows = run(base, processor, skip, settings)
     print(f"# skipvision bench: {source}, N_r={skip.num_retained} N_s={skip.num_skipped}, device {settings.device}, "
           f"{settings.new_tokens} new tokens, median of {settings.repeats} after {settings.warmup} warm-up")
-    print(table)
+    print(format_table(rows))
+    scaling = scaling_summary(rows)
+    for entry in scaling:
+        parts = [f"{k.removesuffix('_growth_ratio')} {v:.3f}" for k, v in entry.items() if k.endswith("_ratio")]
+        print(f"# {entry['dtype']} B={entry['batch']}: growth from {entry['from_tiles']} to {entry['to_tiles']} tiles, "
+              f"Skip-Vision / vanilla: " + ", ".join(parts))
     if args.out:
-        Path(args.out).write_text(json.dumps({"source": source, "skip_vision": skip.to_dict(), "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps(
+            {"source": source, "skip_vision": skip.to_dict(), "rows": rows, "scaling": scaling}, indent=1
+        ))
 
 
 def _bench_model(args: argparse.Namespace):
-    import torch
-    from transformers import AutoConfig, LlavaForConditionalGeneration
-
-    from .presets import MODEL_PRESETS, build_model, build_tokenizer, tokenizer_corpus
+    from .api import family_of, load_processor
+    from .config import vanilla_config
+    from .presets import build_model, build_processor, build_tokenizer, get_preset, tokenizer_corpus
 
     if args.model:
-        base = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
+        from transformers import AutoConfig
+
+        family = family_of(AutoConfig.from_pretrained(args.model))
+        base = family.hf_class.from_pretrained(args.model)
         skip = _skip_vision_from_args(args, _checkpoint_skip_vision(args.model))
         if skip is None:
             raise SystemExit("error: bench compares against vanilla itself; give the Skip-Vision setting")
-        base.config.skip_vision = None
-        config = AutoConfig.from_pretrained(args.model)
-        return base, skip, f"model {args.model} ({config.text_config.num_hidden_layers} layers)"
-    if args.preset not in MODEL_PRESETS:
-        raise SystemExit(f"error: unknown model preset {args.preset!r}; choose one of {sorted(MODEL_PRESETS)}")
-    preset = MODEL_PRESETS[args.preset]
-    base = build_model(preset, build_tokenizer(tokenizer_corpus()))
+        processor = load_processor(args.model, vanilla_config())
+        layers = base.config.get_text_config().num_hidden_layers
+        return base, processor, skip, f"model {args.model} ({family.name}, {layers} layers)"
+    preset = get_preset(args.preset)
+    tokenizer = build_tokenizer(tokenizer_corpus())
+    base = build_model(preset, tokenizer)
     skip = _skip_vision_from_args(args, preset.skip_vision)
-    return base, skip, f"preset {args.preset} (random weights)"
+    return base, build_processor(preset, tokenizer), skip, f"preset {args.preset} ({preset.family}, random weights)"
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -192,11 +198,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .presets import MODEL_PRESETS
+
+    presets = sorted(MODEL_PRESETS)
     parser = argparse.ArgumentParser(prog="skipvision", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("init-model", help="write a tiny random LLaVA checkpoint (no download)")
-    p.add_argument("--preset", default="tiny")
+    p = sub.add_parser("init-model", help="write a tiny random checkpoint of a supported family (no download)")
+    p.add_argument("--preset", default="tiny", choices=presets)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_model)
@@ -247,15 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-skipped", type=int)
     p.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS)
     p.add_argument("--new-tokens", type=int, default=0)
-    p.add_argument("--tiles", type=int, choices=[1, 2, 3, 4], help="LLaVA-HD tiles (default 4)")
+    p.add_argument("--tiles", type=int, choices=range(1, 9), metavar="1..8",
+                   help="tiles of the HD / LLaVA-NeXT presets (default 4)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("bench", help="latency/memory benchmark, vanilla vs Skip-Vision side by side")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="a LLaVA checkpoint directory")
-    src.add_argument("--preset", default="tiny", help="a model preset with random weights (tiny, small)")
+    src.add_argument("--preset", default="tiny", help=f"a model preset with random weights ({', '.join(presets)})")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--tiles", type=int, nargs="+", default=[0],
+                   help="anyres families: tile counts to measure (image sized to give them); 0 = no tiling")
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
@@ -268,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="end to end: data, train vanilla and Skip-Vision, evaluate, measure, report")
     p.add_argument("--out", default="./skipvision-demo")
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny", choices=presets, help="model preset (tiny-next: SV-LLaVA-HD style)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--n", type=int, default=None, help="examples to generate")
     p.add_argument("--seed", type=int, default=0)

@@ -1,12 +1,51 @@
-"""The one configuration object of Skip-Vision."""
+"""The one configuration object of Skip-Vision, and the per-image token layout it implies."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-SELECTIONS = ("cls_attention", "position")
+from .selection import SELECTIONS, selection_strategy
+
 MERGES = ("tome", "none")
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How one image enters the language model: ``[R, sigma_R, S, sigma_S]`` (``[R, S]`` without summaries).
+
+    ``native`` means the family's own layout (every visual token retained, nothing added): exactly vanilla.
+    """
+
+    retained: int
+    skipped: int
+    summary_tokens: bool
+    native: bool = False
+
+    @property
+    def total(self) -> int:
+        """Placeholder tokens the image occupies in ``input_ids``."""
+        return self.retained + self.skipped + (2 if self.summary_tokens else 0)
+
+    @property
+    def skipped_span(self) -> tuple[int, int]:
+        """``[start, end)`` offsets of S inside the image's placeholder span."""
+        start = self.retained + (1 if self.summary_tokens else 0)
+        return start, start + self.skipped
+
+
+@dataclass(frozen=True)
+class VisionFacts:
+    """What a model family's vision side allows, for validating a config against a model.
+
+    ``eligible_tokens``: tokens of each image that may be retained (LLaVA-1.5: all V; LLaVA-NeXT: the base image).
+    ``fixed_visual_tokens``: V when every image yields the same count, None when it depends on the image size.
+    """
+
+    eligible_tokens: int
+    fixed_visual_tokens: int | None
+    has_cls: bool
+    num_layers: int
 
 
 @dataclass(frozen=True)
@@ -18,18 +57,22 @@ class SkipVisionConfig:
     candidates) take part in attention but bypass the post-attention norm and the FFN.
 
     Args:
-        num_retained: N_r, visual tokens that keep full transformer blocks.
-        num_skipped: N_s, skipped tokens after merging the skip candidates.
-        selection: ``"cls_attention"`` keeps the N_r patches with the largest CLS attention in the vision layer
-            used for features (VisionZip "dominant" tokens); ``"position"`` keeps the first N_r in raster order.
+        num_retained: N_r, visual tokens that keep full transformer blocks, chosen among the family's eligible
+            tokens (LLaVA-1.5: all patches; LLaVA-NeXT/OneVision: the base image). ``None`` keeps every visual
+            token in the family's own layout (exactly the vanilla model; needs ``num_skipped=0``).
+        num_skipped: N_s, skipped tokens after merging the skip candidates (every visual token not in R). An image
+            with fewer candidates than N_s (a small LLaVA-NeXT image) skips all of them, unmerged.
+        selection: ``"cls_attention"`` keeps the N_r eligible tokens with the largest CLS attention in the vision
+            layer used for features (VisionZip "dominant" tokens); ``"position"`` keeps the first N_r in raster
+            order. Irrelevant when N_r equals the eligible tokens.
         merge: ``"tome"`` merges the candidates down to N_s with one-shot bipartite matching; ``"none"`` needs
-            exactly N_s candidates.
+            at most N_s candidates.
         summary_tokens: add the two attention-pooled summary tokens sigma_R and sigma_S.
         skip_kv_cache: after prefill, remove the skipped tokens' keys/values from the cache.
         skip_layers: decoder layers where S bypasses the FFN; ``None`` means all layers.
     """
 
-    num_retained: int
+    num_retained: int | None
     num_skipped: int
     selection: str = "cls_attention"
     merge: str = "tome"
@@ -38,25 +81,33 @@ class SkipVisionConfig:
     skip_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("num_retained", "num_skipped"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.num_retained is not None:
+            _check_count("num_retained", self.num_retained)
+        _check_count("num_skipped", self.num_skipped)
         if self.selection not in SELECTIONS:
-            raise ValueError(f"unknown selection {self.selection!r}; choose one of {SELECTIONS}")
+            raise ValueError(f"unknown selection {self.selection!r}; choose one of {tuple(SELECTIONS)}")
         if self.merge not in MERGES:
             raise ValueError(f"unknown merge {self.merge!r}; choose one of {MERGES}")
         for name in ("summary_tokens", "skip_kv_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.num_retained + self.num_skipped == 0:
+        if self.num_retained is None:
+            if self.num_skipped or self.summary_tokens:
+                raise ValueError(
+                    "num_retained=None keeps every visual token in the model's own layout, so it needs "
+                    f"num_skipped=0 and summary_tokens=False (got num_skipped={self.num_skipped}, "
+                    f"summary_tokens={self.summary_tokens})"
+                )
+        elif self.num_retained + self.num_skipped == 0:
             raise ValueError("num_retained + num_skipped must be at least 1: an image needs some tokens")
-        if self.summary_tokens and (self.num_retained == 0 or self.num_skipped == 0):
+        elif self.summary_tokens and (self.num_retained == 0 or self.num_skipped == 0):
             raise ValueError(
                 "summary_tokens=True pools over R and over S, so it needs num_retained >= 1 and num_skipped >= 1 "
                 f"(got num_retained={self.num_retained}, num_skipped={self.num_skipped})"
             )
         if self.skip_layers is not None:
+            if isinstance(self.skip_layers, (int, str)) or not hasattr(self.skip_layers, "__iter__"):
+                raise ValueError(f"skip_layers must be a list of layer indices or None, got {self.skip_layers!r}")
             layers = tuple(self.skip_layers)
             if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
                 raise ValueError(f"skip_layers must be non-negative layer indices, got {self.skip_layers!r}")
@@ -64,52 +115,86 @@ class SkipVisionConfig:
                 raise ValueError(f"skip_layers has duplicates: {self.skip_layers!r}")
             object.__setattr__(self, "skip_layers", tuple(sorted(layers)))
 
-    # --- token layout of one image: [R, sigma_R, S, sigma_S] -------------------------------------------------
+    @property
+    def native(self) -> bool:
+        """True when every visual token is kept in the family's own layout (the vanilla model)."""
+        return self.num_retained is None
+
+    # --- token layout of one image -----------------------------------------------------------------------------
+    def image_layout(self, visual_tokens: int) -> ImageLayout:
+        """Layout of an image whose tower + projector yield ``visual_tokens`` tokens (V).
+
+        The skip candidates are the ``V - N_r`` tokens not retained; they are merged down to N_s, or all skipped
+        unmerged when there are no more than N_s. An image with no candidates is its retained tokens alone.
+        """
+        if self.num_retained is None:
+            return ImageLayout(visual_tokens, 0, False, native=True)
+        candidates = visual_tokens - self.num_retained
+        if candidates < 0:
+            raise ValueError(
+                f"num_retained ({self.num_retained}) is larger than the {visual_tokens} visual tokens of an image"
+            )
+        skipped = min(self.num_skipped, candidates)
+        return ImageLayout(self.num_retained, skipped, self.summary_tokens and skipped > 0)
+
     @property
     def num_image_tokens(self) -> int:
-        """Placeholder tokens one image occupies in ``input_ids``."""
-        return self.num_retained + self.num_skipped + (2 if self.summary_tokens else 0)
+        """Placeholder tokens of an image with at least N_s skip candidates (every image of a fixed-size tower)."""
+        if self.num_retained is None:
+            raise ValueError("num_retained=None keeps the model's own layout; its token count depends on the model")
+        return self.num_retained + self.num_skipped + (2 if self.summary_tokens and self.num_skipped else 0)
 
     @property
     def skipped_span(self) -> tuple[int, int]:
-        """``[start, end)`` offsets of S inside one image's placeholder span."""
-        start = self.num_retained + (1 if self.summary_tokens else 0)
+        """``[start, end)`` offsets of S inside the span of an image with at least N_s candidates."""
+        start = (self.num_retained or 0) + (1 if self.summary_tokens else 0)
         return start, start + self.num_skipped
 
-    def num_candidates(self, num_visual_tokens: int) -> int:
-        """Skip candidates before merging, for a tower that yields ``num_visual_tokens`` tokens."""
-        return num_visual_tokens - self.num_retained
-
-    def check_against(self, num_visual_tokens: int, num_layers: int, has_cls_token: bool) -> None:
+    def check_against(self, facts: VisionFacts) -> None:
         """Raise ``ValueError`` if this config cannot run on a model with these properties."""
-        if self.num_retained + self.num_skipped > num_visual_tokens:
+        if self.num_retained is not None:
+            if self.num_retained > facts.eligible_tokens:
+                where = "" if facts.fixed_visual_tokens else " (the base image's tokens)"
+                raise ValueError(
+                    f"num_retained ({self.num_retained}) is larger than the {facts.eligible_tokens} tokens the "
+                    f"model can retain per image{where}"
+                )
+            fixed = facts.fixed_visual_tokens
+            if fixed is not None:
+                if self.num_retained + self.num_skipped > fixed:
+                    raise ValueError(
+                        f"num_retained ({self.num_retained}) + num_skipped ({self.num_skipped}) is larger than the "
+                        f"{fixed} visual tokens the vision tower produces"
+                    )
+                candidates = fixed - self.num_retained
+                if self.merge == "none" and candidates != self.num_skipped:
+                    raise ValueError(
+                        f"merge='none' needs num_skipped == the {candidates} skip candidates "
+                        f"({fixed} visual tokens - {self.num_retained} retained); got num_skipped={self.num_skipped}. "
+                        "Use merge='tome' to merge the candidates down to num_skipped."
+                    )
+            if self.num_skipped == 0:
+                if fixed is None:
+                    raise ValueError(
+                        "num_skipped=0 leaves no room for the skip candidates (the tiles' tokens always are some); "
+                        "use num_retained=None to keep every visual token, or num_skipped >= 1"
+                    )
+                if self.merge == "tome" and self.num_retained < fixed:
+                    raise ValueError(
+                        f"merge='tome' cannot merge {fixed - self.num_retained} skip candidates into num_skipped=0 "
+                        f"tokens; set num_retained={fixed} to keep every token, or num_skipped >= 1"
+                    )
+            strategy = selection_strategy(self.selection)
+            if strategy.needs_cls and not facts.has_cls and self.num_retained < facts.eligible_tokens:
+                raise ValueError(
+                    f"selection={self.selection!r} needs a vision tower with a CLS token whose features drop it "
+                    "(CLIP with vision_feature_select_strategy='default' and one feature layer); use "
+                    "selection='position' for towers without CLS such as SigLIP"
+                )
+        if self.skip_layers and max(self.skip_layers) >= facts.num_layers:
             raise ValueError(
-                f"num_retained ({self.num_retained}) + num_skipped ({self.num_skipped}) is larger than the "
-                f"{num_visual_tokens} visual tokens the vision tower produces"
-            )
-        candidates = self.num_candidates(num_visual_tokens)
-        if self.merge == "none" and candidates != self.num_skipped:
-            raise ValueError(
-                f"merge='none' needs num_skipped == the {candidates} skip candidates "
-                f"({num_visual_tokens} visual tokens - {self.num_retained} retained); "
-                f"got num_skipped={self.num_skipped}. "
-                "Use merge='tome' to merge the candidates down to num_skipped."
-            )
-        if self.merge == "tome" and candidates > 0 and self.num_skipped == 0:
-            raise ValueError(
-                f"merge='tome' cannot merge {candidates} skip candidates into num_skipped=0 tokens; "
-                f"set num_retained={num_visual_tokens} to keep every token, or num_skipped >= 1"
-            )
-        if self.selection == "cls_attention" and not has_cls_token:
-            raise ValueError(
-                "selection='cls_attention' needs a vision tower with a CLS token whose features drop it "
-                "(CLIP with vision_feature_select_strategy='default'); use selection='position' for towers "
-                "without CLS such as SigLIP"
-            )
-        if self.skip_layers is not None and self.skip_layers and max(self.skip_layers) >= num_layers:
-            raise ValueError(
-                f"skip_layers {list(self.skip_layers)} out of range: the language model has {num_layers} layers "
-                f"(valid indices 0..{num_layers - 1})"
+                f"skip_layers {list(self.skip_layers)} out of range: the language model has {facts.num_layers} "
+                f"layers (valid indices 0..{facts.num_layers - 1})"
             )
 
     # --- serialisation (stored as ``config.skip_vision`` in config.json) ----------------------------------------
@@ -121,24 +206,37 @@ class SkipVisionConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SkipVisionConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"skip_vision settings must be a dict of SkipVisionConfig options, got {data!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown SkipVisionConfig option(s) {unknown}; known options are {sorted(known)}")
         data = dict(data)
-        if data.get("skip_layers") is not None:
+        if isinstance(data.get("skip_layers"), list):
             data["skip_layers"] = tuple(data["skip_layers"])
         return cls(**data)
 
+    @classmethod
+    def coerce(cls, value: SkipVisionConfig | dict[str, Any]) -> SkipVisionConfig:
+        """A config from a config or its dict form (as stored in config.json)."""
+        return value if isinstance(value, cls) else cls.from_dict(value)
+
+
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
 
 def num_image_tokens(config: SkipVisionConfig) -> int:
-    """Placeholder tokens one image occupies in ``input_ids``: ``N_r + N_s + 2`` (``N_r + N_s`` without summaries)."""
+    """Placeholder tokens per image: ``N_r + N_s + 2`` (``N_r + N_s`` without summaries), for an image with at
+    least N_s skip candidates; ``config.image_layout(V).total`` gives the count of any image."""
     return config.num_image_tokens
 
 
-def vanilla_config(num_visual_tokens: int) -> SkipVisionConfig:
-    """The Skip-Vision config that is exactly vanilla LLaVA: every token retained, nothing skipped."""
+def vanilla_config() -> SkipVisionConfig:
+    """The config that is exactly the vanilla model: every token retained in the model's own layout."""
     return SkipVisionConfig(
-        num_retained=num_visual_tokens, num_skipped=0, selection="position", merge="none", summary_tokens=False,
+        num_retained=None, num_skipped=0, selection="position", merge="none", summary_tokens=False,
         skip_kv_cache=False,
     )

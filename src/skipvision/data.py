@@ -13,8 +13,6 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
-from .llava import processor_image_tokens
-
 IGNORE_INDEX = -100
 
 COLORS = {
@@ -238,12 +236,15 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
             add_generation_prompt=add_generation_prompt,
         )
-        per_image = self.tokens_per_image()
+        image_inputs = self.processor.image_processor(images=images, return_tensors="pt") if images else {}
+        counts = [self.image_placeholders(image_inputs, i) for i in range(len(images))]
         input_ids, labels = [], []
+        image_index = 0
         for token, is_answer in zip(encoded["input_ids"], encoded["assistant_masks"]):
             if token == self.image_token_id:
-                input_ids += [token] * per_image
-                labels += [IGNORE_INDEX] * per_image
+                input_ids += [token] * counts[image_index]
+                labels += [IGNORE_INDEX] * counts[image_index]
+                image_index += 1
             else:
                 input_ids.append(token)
                 labels.append(token if is_answer else IGNORE_INDEX)
@@ -252,17 +253,16 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
                 raise RecordError(
                     f"record {rid}: prompt of {len(input_ids)} tokens exceeds max_length={self.max_length}"
                 )
-            if input_ids[: self.max_length].count(self.image_token_id) != len(images) * per_image:
+            if input_ids[: self.max_length].count(self.image_token_id) != sum(counts):
                 raise RecordError(f"record {rid}: max_length={self.max_length} would cut an image's tokens")
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         item = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "id": rid}
-        if images:
-            item["pixel_values"] = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        item.update({k: torch.as_tensor(v) for k, v in image_inputs.items()})
         return item
 
-    def tokens_per_image(self) -> int:
-        """Placeholders per image, as the processor expands ``<image>``."""
-        return processor_image_tokens(self.processor)
+    def image_placeholders(self, image_inputs: dict[str, Any], index: int) -> int:
+        """Placeholders the processor expands image ``index`` to (its own count, or the Skip-Vision one)."""
+        return len(self.processor.replace_image_token(image_inputs, index)) // len(self.processor.image_token)
 
 
 @dataclass
@@ -285,7 +285,15 @@ class LlavaCollator:
             labels[b, where] = item["labels"]
             attention_mask[b, where] = 1
         out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
-        if pixels:
-            out["pixel_values"] = torch.cat(pixels)
+        for key in sorted({k for item in items for k in item} - {"input_ids", "labels", "id"}):
+            out[key] = _concat_padded([item[key] for item in items if key in item])
         return out
+
+
+def _concat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate image tensors along dim 0; anyres ``(images, patches, ...)`` pixels are zero-padded to the
+    largest patch count (the model reads each image's own patches by its image size)."""
+    if tensors[0].ndim >= 2 and len({t.shape[1:] for t in tensors}) > 1:
+        width = max(t.shape[1] for t in tensors)
+        tensors = [torch.nn.functional.pad(t, (0, 0) * (t.ndim - 2) + (0, width - t.shape[1])) for t in tensors]
+    return torch.cat(tensors)

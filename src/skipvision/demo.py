@@ -1,8 +1,9 @@
 """``skipvision demo``: the whole story in minutes on a CPU.
 
-Generate the embedded shapes dataset, build a tiny random LLaVA, fine-tune a vanilla copy and a Skip-Vision copy
-with the same budget and seed, evaluate both with ``generate``, measure FLOPs, latency and KV-cache size side by
-side, and write ``report.json`` plus a trade-off plot (accuracy vs FLOPs, marker size = latency).
+Generate the embedded shapes dataset, build a tiny random model of the preset's family (LLaVA-1.5, or LLaVA-NeXT
+for the SV-LLaVA-HD setting), fine-tune a vanilla copy and a Skip-Vision copy with the same budget and seed,
+evaluate both with ``generate``, measure FLOPs, latency and KV-cache size side by side, and write
+``report.json`` plus a trade-off plot (accuracy vs FLOPs, marker size = latency).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from . import flops as F
-from .bench import BenchSettings, measure
+from .api import family_of, from_pretrained, load_processor
+from .bench import BenchSettings, make_inputs, measure
 from .data import LlavaCollator, LlavaJsonDataset, make_dataset
 from .evaluate import evaluate
-from .llava import SkipVisionLlavaForConditionalGeneration
-from .presets import MODEL_PRESETS, init_model
+from .presets import get_preset, init_model
 from .train import TrainConfig, train
 
-DEFAULT_STEPS = {"tiny": 700, "small": 150}
+DEFAULT_STEPS = {"tiny": 700, "small": 150, "tiny-next": 400, "tiny-onevision": 400}
 DEFAULT_EXAMPLES = 6000
 BATCH_SIZE = 8
 LEARNING_RATE = 1e-3
@@ -28,25 +29,14 @@ LEARNING_RATE = 1e-3
 
 def _train_flops(model_dir: Path, data: Path) -> dict[str, float]:
     """Analytic and measured FLOPs of one training step on the first batch of the training set."""
-    model = SkipVisionLlavaForConditionalGeneration.from_pretrained(model_dir)
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_dir)
+    model = from_pretrained(model_dir)
+    processor = load_processor(model_dir)
     dataset = LlavaJsonDataset(data, None, processor)
     batch = LlavaCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(BATCH_SIZE)])
     model.train()
-    model.model.vision_tower.requires_grad_(False)  # frozen in training too
+    family_of(model).vision_tower(model).requires_grad_(False)  # frozen in training too
     measured, _ = F.measured_flops(lambda: model(**batch).loss.backward())
-    shape, cfg = F.shape_of(model.config), model.skip_vision_config
-    analytic = 0
-    image_id = model.config.image_token_id
-    for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
-        images = int((ids == image_id).sum()) // cfg.num_image_tokens
-        text = int(mask.sum()) - images * cfg.num_image_tokens
-        rep = F.report(shape, cfg, text_tokens=text, images=images)
-        vision = rep["vision"]  # frozen tower: forward only; trained projector: 3x
-        analytic += rep["train_step_total"] + vision["tower"] + 3 * vision["projector"]
-        analytic += vision.get("skip_vision_overhead", 0)
+    analytic = F.batch_flops(model, batch)["train"]
     return {"train_flops": float(analytic), "train_flops_measured": float(measured)}
 
 
@@ -89,6 +79,11 @@ def _prior_accuracy(train_json: Path, test_json: Path) -> float:
     return hits / len(test)
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either side was too small to measure."""
+    return a / b if a is not None and b else None
+
+
 def format_table(report: dict[str, Any]) -> str:
     v, s = report["vanilla"], report["skip_vision"]
     rows = [
@@ -104,9 +99,10 @@ def format_table(report: dict[str, Any]) -> str:
         ("KV cache after prefill (KiB)", "kv_cache_bytes", "{:.1f}", 1 / 1024),
     ]
     lines = [f"{'':34}{'vanilla':>12}{'skip_vision':>14}{'ratio':>9}", "-" * 69]
+    show = lambda x, fmt, scale: "-" if x is None else fmt.format(x * scale)  # noqa: E731  (None: not resolved)
     for label, key, fmt, scale in rows:
-        ratio = s[key] / v[key] if v[key] else float("nan")
-        lines.append(f"{label:34}{fmt.format(v[key] * scale):>12}{fmt.format(s[key] * scale):>14}{ratio:>9.3f}")
+        ratio = s[key] / v[key] if v[key] and s[key] is not None else float("nan")
+        lines.append(f"{label:34}{show(v[key], fmt, scale):>12}{show(s[key], fmt, scale):>14}{ratio:>9.3f}")
     lines.append(f"answer-prior baseline accuracy: {report['chance_accuracy']:.3f}")
     lines.append("(measured FLOPs come from torch's FlopCounterMode, which charges full T x T attention and 2.5x for"
                  " the flash backward; the analytic count uses causal pairs)")
@@ -117,18 +113,17 @@ def demo(
     out: str | Path = "./skipvision-demo", preset: str = "tiny", steps: int | None = None, seed: int = 0,
     num_examples: int | None = None,
 ) -> dict[str, Any]:
-    if preset not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+    spec = get_preset(preset)
     start = time.perf_counter()
     out = Path(out)
-    spec = MODEL_PRESETS[preset]
     steps = steps or DEFAULT_STEPS[preset]
     print(f"[1/5] data: {out / 'data'}")
     train_json, test_json = make_dataset(out / "data", n=num_examples or DEFAULT_EXAMPLES, seed=seed,
-                                         image_size=spec.image_size)
-    print(f"[2/5] tiny LLaVA ({preset}, random init): {out / 'base'}")
+                                         image_size=spec.data_image_size)
+    print(f"[2/5] tiny {spec.family} ({preset}, random init): {out / 'base'}")
     base = init_model(preset, out / "base", seed=seed)
-    report: dict[str, Any] = {"preset": preset, "steps": steps, "seed": seed, "batch_size": BATCH_SIZE,
+    report: dict[str, Any] = {"preset": preset, "family": spec.family, "steps": steps, "seed": seed,
+                              "batch_size": BATCH_SIZE, "image_size": spec.data_image_size,
                               "skip_vision_config": spec.skip_vision.to_dict()}
     for name, cfg in (("vanilla", None), ("skip_vision", spec.skip_vision)):
         print(f"[3/5] training {name}: {steps} steps, batch {BATCH_SIZE}")
@@ -147,13 +142,14 @@ def demo(
         report[name].update(accuracy=result["accuracy"], per_type=result["per_type"])
         print(f"[5/5] measuring {name}: FLOPs, latency, KV cache")
         report[name].update(_train_flops(final, train_json))
-        model = SkipVisionLlavaForConditionalGeneration.from_pretrained(final)
-        timing = measure(model, batch=1, settings=BenchSettings(new_tokens=16, repeats=5, train=False, device="cpu"))
-        shape = F.shape_of(model.config)
-        rep = F.report(shape, model.skip_vision_config, text_tokens=F.DEFAULT_TEXT_TOKENS)
-        report[name].update(timing, prefill_flops=float(rep["prefill_total"]))
+        model = from_pretrained(final)
+        settings = BenchSettings(new_tokens=16, repeats=5, train=False, device="cpu")
+        size = (spec.data_image_size, spec.data_image_size)
+        inputs = make_inputs(load_processor(final), 1, F.DEFAULT_TEXT_TOKENS, size, "cpu", model.dtype)
+        timing = measure(model, inputs, settings)
+        report[name].update(timing, prefill_flops=F.batch_flops(model, inputs)["prefill_language_model"])
     report["chance_accuracy"] = _prior_accuracy(train_json, test_json)
-    report["ratios"] = {k: report["skip_vision"][k] / report["vanilla"][k]
+    report["ratios"] = {k: _ratio(report["skip_vision"][k], report["vanilla"][k])
                         for k in ("train_step_seconds", "train_flops", "train_flops_measured", "prefill_seconds",
                                   "decode_seconds_per_token", "kv_cache_bytes", "prefill_flops")}
     report["total_seconds"] = time.perf_counter() - start

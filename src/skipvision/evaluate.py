@@ -9,10 +9,9 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoProcessor
 
+from .api import family_of, from_pretrained, load_processor
 from .data import LlavaCollator, LlavaJsonDataset
-from .llava import SkipVisionLlavaForConditionalGeneration
 
 
 def normalise(text: str) -> str:
@@ -32,15 +31,15 @@ def evaluate(
 ) -> dict[str, Any]:
     """Answer the last question of every record greedily; exact-match accuracy overall and per ``type``.
 
-    ``skip_kv_cache`` overrides the checkpoint's setting (None keeps it).
+    A checkpoint without Skip-Vision settings is evaluated as the vanilla model. ``skip_kv_cache`` overrides
+    the checkpoint's setting (None keeps it).
     """
-    model = SkipVisionLlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    model = from_pretrained(model_dir, vanilla=True).eval()
     if skip_kv_cache is not None and skip_kv_cache != model.skip_vision_config.skip_kv_cache:
         from dataclasses import replace
 
         model.skip_vision_config = replace(model.skip_vision_config, skip_kv_cache=skip_kv_cache)
-        model.config.skip_vision = model.skip_vision_config.to_dict()
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = load_processor(model_dir)
     dataset = LlavaJsonDataset(data, image_folder, processor)
     records = dataset.records[:limit] if limit else dataset.records
     collate = LlavaCollator(processor.tokenizer.pad_token_id, padding_side="left")
@@ -54,7 +53,7 @@ def evaluate(
         batch.pop("labels")
         out = model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False,
-            suppress_tokens=[model.config.image_token_id], pad_token_id=tokenizer.pad_token_id,
+            suppress_tokens=[family_of(model).image_token_id(model.config)], pad_token_id=tokenizer.pad_token_id,
         )
         texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         for record, text, answer in zip(chunk, texts, answers):

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .config import SkipVisionConfig
+from .selection import selection_strategy
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,19 @@ class VisionShape:
 class ModelShape:
     text: TextShape
     vision: VisionShape
-    visual_tokens: int  # V: tokens per image entering the LLM before Skip-Vision
+    visual_tokens: int  # V: tokens per image that Skip-Vision splits (newlines excluded)
     towers_per_image: int = 1  # ViT passes per image (LLaVA-HD: thumbnail + tiles)
+    eligible_tokens: int | None = None  # tokens that may be retained (the base image); None = all V
+    newline_tokens: int = 0  # row separators the vanilla model adds (LLaVA-NeXT image_newline)
+
+    @property
+    def native_tokens(self) -> int:
+        """Tokens per image of the vanilla model."""
+        return self.visual_tokens + self.newline_tokens
+
+    @property
+    def eligible(self) -> int:
+        return self.visual_tokens if self.eligible_tokens is None else self.eligible_tokens
 
 
 def _attention_pairs(n: int, causal: bool, context: int = 0) -> int:
@@ -72,29 +84,40 @@ def decoder_layer_flops(
     }
 
 
-def vision_flops(shape: ModelShape, images: int = 1) -> dict[str, int]:
-    v, d = shape.vision, shape.text.hidden
-    passes = images * shape.towers_per_image
+def tower_pass_flops(v: VisionShape) -> int:
+    """One ViT pass: patch embedding plus every layer (projections, attention over all tokens, MLP)."""
     t = v.tokens
-    patches = (v.image_size // v.patch) ** 2
     layer = 2 * t * 4 * v.hidden * v.hidden + 4 * v.hidden * t * t + 2 * t * 2 * v.hidden * v.intermediate
+    return v.layers * layer + 2 * (v.image_size // v.patch) ** 2 * 3 * v.patch * v.patch * v.hidden
+
+
+def projector_flops(v: VisionShape, text_hidden: int, tokens: int) -> int:
+    """The 2-layer MLP projector over ``tokens`` visual tokens."""
+    return 2 * tokens * (v.hidden * text_hidden + text_hidden * text_hidden)
+
+
+def vision_flops(shape: ModelShape, images: int = 1) -> dict[str, int]:
+    passes = images * shape.towers_per_image
     return {
-        "tower": passes * (v.layers * layer + 2 * patches * 3 * v.patch * v.patch * v.hidden),
-        "projector": images * 2 * shape.visual_tokens * (v.hidden * d + d * d),
+        "tower": passes * tower_pass_flops(shape.vision),
+        "projector": images * projector_flops(shape.vision, shape.text.hidden, shape.visual_tokens),
     }
 
 
 def skip_vision_overhead(shape: ModelShape, cfg: SkipVisionConfig, images: int = 1) -> int:
     """Matmul FLOPs Skip-Vision adds before the LLM: CLS scoring, merge similarity, summary scorer."""
+    if cfg.native:
+        return 0
     v, d = shape.vision, shape.text.hidden
+    layout = cfg.image_layout(shape.visual_tokens)
     total = 0
-    if cfg.selection == "cls_attention":
-        total += 2 * v.hidden * v.hidden + 2 * v.tokens * v.hidden * v.hidden + 2 * v.tokens * v.hidden
-    candidates = cfg.num_candidates(shape.visual_tokens)
-    if cfg.merge == "tome" and candidates > cfg.num_skipped:
+    if cfg.num_retained < shape.eligible:  # the selection ranks the base pass's tokens
+        total += selection_strategy(cfg.selection).overhead_flops(v.hidden, v.tokens)
+    candidates = shape.visual_tokens - cfg.num_retained
+    if cfg.merge == "tome" and candidates > layout.skipped:
         total += 2 * candidates * candidates * d
-    if cfg.summary_tokens:
-        total += 2 * (cfg.num_retained + cfg.num_skipped) * d
+    if layout.summary_tokens:
+        total += 2 * (layout.retained + layout.skipped) * d
     return images * total
 
 
@@ -117,10 +140,10 @@ class SequenceCounts:
 
 
 def sequence_counts(shape: ModelShape, text_tokens: int, images: int, cfg: SkipVisionConfig | None) -> SequenceCounts:
-    if cfg is None:
-        return SequenceCounts(text_tokens, images, shape.visual_tokens, 0)
-    full = cfg.num_retained + (2 if cfg.summary_tokens else 0)
-    return SequenceCounts(text_tokens, images, full, cfg.num_skipped)
+    if cfg is None or cfg.native:
+        return SequenceCounts(text_tokens, images, shape.native_tokens, 0)
+    layout = cfg.image_layout(shape.visual_tokens)
+    return SequenceCounts(text_tokens, images, layout.total - layout.skipped, layout.skipped)
 
 
 def language_flops(
@@ -209,15 +232,35 @@ VICUNA_7B = TextShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_h
 LLAMA3_8B = TextShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=128256)
 
 
+def anyres_shape(text: TextShape, vision: VisionShape, tiles: int, newlines: bool) -> ModelShape:
+    """A thumbnail + ``tiles`` full tiles of ``vision.image_size`` (nothing unpadded); ``newlines``: HF LLaVA-NeXT
+    adds one token per row of the tile grid (most square grid of ``tiles``)."""
+    base = (vision.image_size // vision.patch) ** 2
+    side = vision.image_size // vision.patch
+    rows = max(r for r in range(1, tiles + 1) if tiles % r == 0 and r * r <= tiles) if tiles else 0
+    return ModelShape(
+        text, vision, visual_tokens=base * (1 + tiles), towers_per_image=1 + tiles, eligible_tokens=base,
+        newline_tokens=side * rows if newlines else 0,
+    )
+
+
 @dataclass(frozen=True)
 class Preset:
     shape: ModelShape
     skip_vision: SkipVisionConfig
     paper_ratios: dict[tuple[int, int], float]  # the paper's FLOPs column (method.md 6.2) by (N_r, N_s)
     note: str
+    anyres_newlines: bool | None = None  # None: no tiles; else the shape follows --tiles (with or without newlines)
 
     def paper_ratio(self, cfg: SkipVisionConfig) -> float | None:
         return self.paper_ratios.get((cfg.num_retained, cfg.num_skipped))
+
+    def shape_for(self, tiles: int | None) -> ModelShape:
+        if tiles is None:
+            return self.shape
+        if self.anyres_newlines is None:
+            raise ValueError("this preset has no tiles; --tiles applies to the HD / LLaVA-NeXT presets")
+        return anyres_shape(self.shape.text, self.shape.vision, tiles, self.anyres_newlines)
 
 
 PRESETS: dict[str, Preset] = {
@@ -234,11 +277,20 @@ PRESETS: dict[str, Preset] = {
         "SV-LLaVA (N_r=100, N_s=156); --num-retained 256 --num-skipped 320 gives the 60% row",
     ),
     "llava-hd-llama3-8b": Preset(
-        ModelShape(LLAMA3_8B, CLIP_L_336, visual_tokens=576 * 5, towers_per_image=5),
+        anyres_shape(LLAMA3_8B, CLIP_L_336, tiles=4, newlines=False),
         SkipVisionConfig(num_retained=576, num_skipped=576),
         {(576, 576): 0.50},
         "SV-LLaVA-HD with the maximum 4 tiles (thumbnail + 4 x 576 tile tokens merged to 576); the paper's 50% "
         "needs a baseline of about 1.4 tiles on average, which the paper does not state (method.md section 4)",
+        anyres_newlines=False,
+    ),
+    "llava-next-llama3-8b": Preset(
+        anyres_shape(LLAMA3_8B, CLIP_L_336, tiles=4, newlines=True),
+        SkipVisionConfig(num_retained=576, num_skipped=576),
+        {},
+        "HF LLaVA-NeXT geometry (CLIP-L/336 thumbnail + tiles, one image_newline per grid row in the vanilla model, "
+        "dropped by Skip-Vision) with LLaMA-3-8B; R = the thumbnail, tiles merged to 576",
+        anyres_newlines=True,
     ),
     "cos-llama3-8b": Preset(
         ModelShape(LLAMA3_8B, replace(CLIP_L_448), visual_tokens=1296),
@@ -250,21 +302,27 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def shape_of(config: Any) -> ModelShape:
-    """ModelShape of an HF ``LlavaConfig`` (CLIP/SigLIP tower + Llama-family text model)."""
-    from .llava import num_visual_tokens
-
-    t, v = config.text_config, config.vision_config
+def text_shape(config: Any) -> TextShape:
+    """TextShape of an HF VLM config's text model."""
+    t = config.get_text_config()
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-    text = TextShape(
+    return TextShape(
         t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
         t.num_key_value_heads, head_dim, t.vocab_size,
     )
-    vision = VisionShape(
-        v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.image_size, v.patch_size,
-        cls=v.model_type == "clip_vision_model",
-    )
-    return ModelShape(text, vision, visual_tokens=num_visual_tokens(config))
+
+
+def vision_shape(config: Any, cls: bool) -> VisionShape:
+    """VisionShape of an HF VLM config's ViT tower."""
+    v = config.vision_config
+    return VisionShape(v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.image_size, v.patch_size, cls=cls)
+
+
+def shape_of(config: Any, **kwargs: Any) -> ModelShape:
+    """ModelShape of a supported HF config (its family states the visual token counts; ``tiles=`` for anyres)."""
+    from .families import family_for
+
+    return family_for(config).model_shape(config, **kwargs)
 
 
 def as_dict(shape: ModelShape) -> dict[str, Any]:
@@ -304,3 +362,57 @@ def measured_flops(fn) -> tuple[int, dict[str, int]]:
         fn()
     per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     return counter.get_total_flops(), per_module
+
+
+def batch_flops(model: Any, inputs: dict[str, Any], train_tower: bool = False) -> dict[str, float]:
+    """Analytic FLOPs of one real batch on a Skip-Vision model (any family), from the actual token counts.
+
+    Per sample, the attention length is its non-pad tokens and the FFN length excludes its skipped tokens, as the
+    model's own ``embed_multimodal`` marks them; the tower runs once per pass (anyres: base + tiles). Returns
+    ``prefill`` (language model with one logit, tower and projector forward, Skip-Vision overhead) and ``train``
+    (3x the language model with every logit, 3x projector and summary scorer, tower forward only unless
+    ``train_tower``).
+    """
+    import torch
+
+    from .api import family_of
+
+    family = family_of(model)
+    cfg = model.skip_vision_config
+    shape = family.model_shape(model.config)
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    image_inputs = {k: inputs[k] for k in family.image_input_names if k in inputs}
+    pixel_values = inputs.get("pixel_values")
+    images = family.num_images(pixel_values, image_inputs)
+    with torch.no_grad():
+        if images:
+            skipped = model.embed_multimodal(ids, pixel_values, **image_inputs)[1]
+        else:
+            skipped = torch.zeros_like(ids, dtype=torch.bool)
+    prefill_lm, train_lm = 0, 0
+    for b in range(ids.shape[0]):
+        n_attn = int(mask[b].sum())
+        n_skip = int(skipped[b].sum())
+        counts = SequenceCounts(n_attn - n_skip, 1, 0, n_skip)
+        prefill_lm += sum(language_flops(shape, counts, logits=1, skip_layers=cfg.skip_layers).values())
+        train_lm += 3 * sum(language_flops(shape, counts, logits=n_attn, skip_layers=cfg.skip_layers).values())
+    passes = family.tower_passes(model.config, images, image_inputs)
+    v = shape.vision
+    tower = passes * tower_pass_flops(v)
+    projector = projector_flops(v, shape.text.hidden, passes * family.tokens_per_tower_pass(model.config))
+    overhead = 0
+    if images and not cfg.native:
+        with torch.no_grad():
+            tokens = family.image_tokens(model, pixel_values, image_inputs, cfg)
+        overhead = sum(
+            skip_vision_overhead(replace(shape, visual_tokens=t.tokens.shape[0], eligible_tokens=t.eligible), cfg)
+            for t in tokens
+        )
+    return {
+        "prefill": float(prefill_lm + tower + projector + overhead),
+        "prefill_language_model": float(prefill_lm),
+        "train": float(train_lm + (3 if train_tower else 1) * tower + 3 * projector + 3 * overhead),
+        "tower": float(tower),
+        "tower_passes": passes,
+    }

@@ -1,4 +1,8 @@
-"""Where each image's tokens sit in ``input_ids`` (the input contract): ``[R, sigma_R, S, sigma_S]`` per image."""
+"""Where each image's tokens sit in ``input_ids`` (the input contract) and which of them are skipped.
+
+Image features are scattered into placeholders in row-major order (as HF's ``masked_scatter`` does), so image k
+occupies the k-th run of its length among all placeholders; nothing depends on offsets or padding side.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from .config import SkipVisionConfig
 
 
 def image_token_counts(input_ids: torch.Tensor, image_token_id: int, config: SkipVisionConfig) -> torch.Tensor:
-    """Images per sample, checking that each sample holds whole image spans. Returns ``(batch,)``."""
+    """Images per sample for a fixed per-image count, checking whole image spans. Returns ``(batch,)``."""
     per_sample = (input_ids == image_token_id).sum(dim=1)
     span = config.num_image_tokens
     bad = (per_sample % span).nonzero()
@@ -23,14 +27,52 @@ def image_token_counts(input_ids: torch.Tensor, image_token_id: int, config: Ski
     return per_sample // span
 
 
-def skipped_token_mask(input_ids: torch.Tensor, image_token_id: int, config: SkipVisionConfig) -> torch.Tensor:
+def check_image_spans(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> None:
+    """Raise ``ValueError`` unless the placeholders hold exactly the images of ``counts``, each within one sample."""
+    per_sample = (input_ids == image_token_id).sum(dim=1).tolist()
+    total = sum(per_sample)
+    if total != sum(counts):
+        raise ValueError(
+            f"input_ids hold {total} image placeholder tokens but the {len(counts)} image(s) given need "
+            f"{sum(counts)} ({', '.join(map(str, counts[:8]))}{' ...' if len(counts) > 8 else ''} per image); "
+            "expand each <image> with a processor set up by skipvision.configure_processor / load_processor"
+        )
+    boundaries = set(torch.tensor([0, *counts]).cumsum(0).tolist())
+    seen = 0
+    for b, n in enumerate(per_sample):
+        seen += n
+        if seen not in boundaries:
+            raise ValueError(
+                f"sample {b} ends inside an image: its {n} placeholder tokens do not cover whole images "
+                f"(per-image counts {counts[:8]})"
+            )
+
+
+def skipped_token_mask(
+    input_ids: torch.Tensor, image_token_id: int, config: SkipVisionConfig, counts: list[int] | None = None
+) -> torch.Tensor:
     """Boolean ``(batch, seq)`` mask of the skipped tokens S of every image in ``input_ids``.
 
-    Images are counted in row-major order, the order in which image features are scattered into placeholders,
-    so adjacent images and any padding side work without offsets.
+    ``counts`` are the per-image visual token counts V (default: every image has ``config.num_image_tokens``
+    placeholders, a fixed-size tower with at least N_s candidates).
     """
     is_image = input_ids == image_token_id
-    rank = is_image.flatten().cumsum(0).view_as(input_ids) - 1
-    offset = rank % config.num_image_tokens
-    start, end = config.skipped_span
-    return is_image & (offset >= start) & (offset < end)
+    if counts is None:
+        rank = is_image.flatten().cumsum(0).view_as(input_ids) - 1
+        offset = rank % config.num_image_tokens
+        start, end = config.skipped_span
+        return is_image & (offset >= start) & (offset < end)
+    flags = []
+    for visual in counts:
+        layout = config.image_layout(visual)
+        flag = torch.zeros(layout.total, dtype=torch.bool)
+        flag[slice(*layout.skipped_span)] = True
+        flags.append(flag)
+    return scatter_image_flags(is_image, torch.cat(flags).to(input_ids.device))
+
+
+def scatter_image_flags(is_image: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """Place per-placeholder ``flags`` (row-major order of the placeholders) into a ``(batch, seq)`` mask."""
+    mask = torch.zeros_like(is_image)
+    mask[is_image] = flags
+    return mask

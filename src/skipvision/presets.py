@@ -13,13 +13,25 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
+    Qwen2Config,
+    SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
+from .api import save_processor
 from .config import SkipVisionConfig
-from .llava import configure_processor
+from .families.llava_onevision import image_only_processor
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 
@@ -38,8 +50,13 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class ModelPreset:
-    """Sizes of a tiny LLaVA and the Skip-Vision setting used with it."""
+    """Sizes of a tiny model of one family and the Skip-Vision setting used with it.
 
+    ``image_size`` is the tower's input (the base image for anyres families); ``grid`` lists the anyres tile
+    grids (rows, cols) the processor may pick, and ``data_image_size`` the scene size the demo renders.
+    """
+
+    family: str
     image_size: int
     patch_size: int
     vision_hidden: int
@@ -50,17 +67,41 @@ class ModelPreset:
     text_heads: int
     text_kv_heads: int
     skip_vision: SkipVisionConfig
+    grid: tuple[tuple[int, int], ...] = ()
+    data_image_size: int = 168
 
     @property
     def visual_tokens(self) -> int:
+        """Tokens of one tower pass (the base image)."""
         return (self.image_size // self.patch_size) ** 2
 
+    @property
+    def pinpoints(self) -> list[list[int]]:
+        return [[r * self.image_size, c * self.image_size] for r, c in self.grid]
+
+
+# anyres grids giving 1, 2, 4 and 8 tiles (and their transposes)
+ANYRES_GRID = ((1, 1), (1, 2), (2, 1), (2, 2), (2, 4), (4, 2))
 
 MODEL_PRESETS: dict[str, ModelPreset] = {
     # 144 visual tokens (168 px / 14: each cell of the 3x3 scene grid is 4x4 patches); 4-layer 256-wide Llama, GQA
-    "tiny": ModelPreset(168, 14, 64, 2, 256, 688, 4, 8, 4, SkipVisionConfig(num_retained=36, num_skipped=36)),
+    "tiny": ModelPreset("llava", 168, 14, 64, 2, 256, 688, 4, 8, 4, SkipVisionConfig(num_retained=36, num_skipped=36)),
     # LLaVA-1.5 geometry, 576 visual tokens (336 px / 14), the paper's N_r=100, N_s=156
-    "small": ModelPreset(336, 14, 128, 4, 512, 1408, 8, 8, 8, SkipVisionConfig(num_retained=100, num_skipped=156)),
+    "small": ModelPreset(
+        "llava", 336, 14, 128, 4, 512, 1408, 8, 8, 8, SkipVisionConfig(num_retained=100, num_skipped=156)
+    ),
+    # SV-LLaVA-HD in miniature: a 112 px base (64 tokens) + up to 8 tiles; R = the base, tiles merged to 64
+    # (the paper's N_r = N_s = the thumbnail's tokens); scenes at 224 px give 2x2 tiles
+    "tiny-next": ModelPreset(
+        "llava-next", 112, 14, 64, 2, 256, 688, 4, 8, 4,
+        SkipVisionConfig(num_retained=64, num_skipped=64), grid=ANYRES_GRID, data_image_size=224,
+    ),
+    # LLaVA-OneVision in miniature: SigLIP (no CLS), Qwen2; R = the base, tiles merged to 64
+    "tiny-onevision": ModelPreset(
+        "llava-onevision", 112, 14, 64, 2, 256, 688, 4, 8, 4,
+        SkipVisionConfig(num_retained=64, num_skipped=64, selection="position"), grid=ANYRES_GRID,
+        data_image_size=224,
+    ),
 }
 
 
@@ -82,6 +123,12 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedToken
     return fast
 
 
+def get_preset(name: str) -> ModelPreset:
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+    return MODEL_PRESETS[name]
+
+
 def tokenizer_corpus() -> list[str]:
     """Text the tokenizer is trained on: the chat scaffolding and the embedded dataset's words."""
     from .data import vocabulary_sentences
@@ -89,37 +136,76 @@ def tokenizer_corpus() -> list[str]:
     return ["USER: ASSISTANT:\n"] * 8 + vocabulary_sentences()
 
 
-def build_processor(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+def build_processor(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast) -> ProcessorMixin:
+    """The family's HF processor with its vanilla placeholder count."""
     size = preset.image_size
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=preset.patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
-    )
-    return configure_processor(processor, preset.skip_vision)
+    common = dict(tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    if preset.family == "llava":
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        return LlavaProcessor(
+            image_processor=image_processor, patch_size=preset.patch_size, vision_feature_select_strategy="default",
+            num_additional_image_tokens=1, **common,
+        )
+    if preset.family == "llava-next":
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+            image_grid_pinpoints=preset.pinpoints,
+        )
+        return LlavaNextProcessor(
+            image_processor=image_processor, patch_size=preset.patch_size, vision_feature_select_strategy="default",
+            num_additional_image_tokens=1, **common,
+        )
+    if preset.family == "llava-onevision":
+        image_processor = LlavaOnevisionImageProcessorPil(
+            size={"height": size, "width": size}, image_grid_pinpoints=preset.pinpoints,
+        )
+        return image_only_processor(
+            image_processor, num_image_tokens=preset.visual_tokens, vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9", **common,
+        )
+    raise ValueError(f"no tiny builder for family {preset.family!r}")
 
 
-def build_model(
-    preset: ModelPreset, tokenizer: PreTrainedTokenizerFast, seed: int = 0
-) -> LlavaForConditionalGeneration:
-    vision = CLIPVisionConfig(
+def build_model(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> PreTrainedModel:
+    """A random tiny model of the preset's family (vanilla HF class)."""
+    vision_args = dict(
         hidden_size=preset.vision_hidden, intermediate_size=4 * preset.vision_hidden,
         num_hidden_layers=preset.vision_layers, num_attention_heads=max(1, preset.vision_hidden // 32),
         image_size=preset.image_size, patch_size=preset.patch_size,
     )
-    text = LlamaConfig(
+    text_args = dict(
         vocab_size=len(tokenizer), hidden_size=preset.text_hidden, intermediate_size=preset.text_intermediate,
         num_hidden_layers=preset.text_layers, num_attention_heads=preset.text_heads,
-        num_key_value_heads=preset.text_kv_heads, max_position_embeddings=2048,
+        num_key_value_heads=preset.text_kv_heads, max_position_embeddings=4096,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default", vision_feature_layer=-2,
-        image_seq_length=preset.visual_tokens,
-    )
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    if preset.family == "llava":
+        config = LlavaConfig(
+            vision_config=CLIPVisionConfig(**vision_args), text_config=LlamaConfig(**text_args),
+            image_token_id=image_token_id, vision_feature_select_strategy="default", vision_feature_layer=-2,
+            image_seq_length=preset.visual_tokens,
+        )
+        model_class = LlavaForConditionalGeneration
+    elif preset.family == "llava-next":
+        config = LlavaNextConfig(
+            vision_config=CLIPVisionConfig(**vision_args), text_config=LlamaConfig(**text_args),
+            image_token_index=image_token_id, vision_feature_select_strategy="default", vision_feature_layer=-2,
+            image_grid_pinpoints=preset.pinpoints,
+        )
+        model_class = LlavaNextForConditionalGeneration
+    elif preset.family == "llava-onevision":
+        config = LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(**vision_args), text_config=Qwen2Config(**text_args),
+            image_token_index=image_token_id, video_token_index=tokenizer.unk_token_id,
+            vision_feature_select_strategy="full", vision_feature_layer=-1, image_grid_pinpoints=preset.pinpoints,
+            vision_aspect_ratio="anyres_max_9",
+        )
+        model_class = LlavaOnevisionForConditionalGeneration
+    else:
+        raise ValueError(f"no tiny builder for family {preset.family!r}")
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    model = model_class(config)
     _informative_tower_init(model, preset)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -127,7 +213,7 @@ def build_model(
 
 
 @torch.no_grad()
-def _informative_tower_init(model: LlavaForConditionalGeneration, preset: ModelPreset) -> None:
+def _informative_tower_init(model: PreTrainedModel, preset: ModelPreset) -> None:
     """Make the random tiny tower a usable (frozen) feature extractor.
 
     With HF's default init (std 0.02) a random CLIP tower maps different images to nearly the same features, so a
@@ -145,17 +231,11 @@ def _informative_tower_init(model: LlavaForConditionalGeneration, preset: ModelP
 
 
 def init_model(preset_name: str, out: str | Path, seed: int = 0) -> Path:
-    """Write a vanilla tiny LLaVA checkpoint (model, tokenizer, processor) to ``out``.
-
-    The processor expands ``<image>`` to the preset's Skip-Vision token count; training reconfigures it for the
-    Skip-Vision setting it runs (``configure_processor``).
-    """
-    if preset_name not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {preset_name!r}; choose one of {sorted(MODEL_PRESETS)}")
-    preset = MODEL_PRESETS[preset_name]
+    """Write a vanilla tiny checkpoint (model, tokenizer, processor with the vanilla count) to ``out``."""
+    preset = get_preset(preset_name)
     out = Path(out)
     tokenizer = build_tokenizer(tokenizer_corpus())
     model = build_model(preset, tokenizer, seed)
     model.save_pretrained(out)
-    build_processor(preset, tokenizer).save_pretrained(out)
+    save_processor(build_processor(preset, tokenizer), out)
     return out

@@ -1,9 +1,58 @@
-"""Split visual tokens into retained tokens R and skip candidates C."""
+"""Split visual tokens into retained tokens R and skip candidates C.
+
+A selection is a small strategy object: it says whether it needs a CLS token, how it scores the eligible tokens
+from the input of one vision attention module, and what that costs. Families capture that input; the config
+names the strategy.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class PositionSelection:
+    """The first N_r eligible tokens in raster order; needs nothing from the tower."""
+
+    name: str = "position"
+    needs_cls: bool = False
+
+    def scores(self, attention: nn.Module | None, hidden_states: torch.Tensor | None) -> None:
+        return None
+
+    def overhead_flops(self, vision_hidden: int, vision_tokens: int) -> int:
+        return 0
+
+
+@dataclass(frozen=True)
+class ClsAttentionSelection:
+    """The N_r eligible tokens with the largest CLS attention (VisionZip "dominant" tokens), in raster order."""
+
+    name: str = "cls_attention"
+    needs_cls: bool = True
+
+    def scores(self, attention: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        return cls_attention_scores(attention, hidden_states)
+
+    def overhead_flops(self, vision_hidden: int, vision_tokens: int) -> int:
+        """The CLS query, every key, and the CLS row of the logits, per tower pass."""
+        h = vision_hidden
+        return 2 * h * h + 2 * vision_tokens * h * h + 2 * vision_tokens * h
+
+
+SELECTIONS: dict[str, PositionSelection | ClsAttentionSelection] = {
+    s.name: s for s in (ClsAttentionSelection(), PositionSelection())
+}
+
+
+def selection_strategy(name: str) -> PositionSelection | ClsAttentionSelection:
+    try:
+        return SELECTIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown selection {name!r}; choose one of {tuple(SELECTIONS)}") from None
 
 
 def cls_attention_scores(attention: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -35,7 +84,7 @@ def split_tokens(
     With ``scores (n, V)`` R is the top-``num_retained`` tokens by score; without, the first ``num_retained``.
     """
     n, total, dim = features.shape
-    if scores is None:
+    if scores is None or num_retained == total:
         return features[:, :num_retained], features[:, num_retained:]
     top = scores.topk(num_retained, dim=-1).indices.sort(dim=-1).values
     keep = torch.zeros(n, total, dtype=torch.bool, device=features.device)

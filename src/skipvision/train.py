@@ -19,17 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoProcessor, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
+from .api import family_of, from_pretrained, load_processor, save_processor
 from .config import SkipVisionConfig, vanilla_config
 from .data import LlavaCollator, LlavaJsonDataset
-from .llava import SkipVisionLlavaForConditionalGeneration, configure_processor, num_visual_tokens
 
 
 @dataclass
 class TrainConfig:
-    model: str  # a LLaVA checkpoint directory (vanilla or Skip-Vision) with its processor
+    model: str  # a checkpoint directory of a supported family (vanilla or Skip-Vision) with its processor
     data: str  # LLaVA JSON file
     output_dir: str
     skip_vision: SkipVisionConfig | None = None  # None = vanilla LLaVA through the same code path
@@ -87,6 +87,7 @@ class SkipVisionTrainer(Trainer):
     """``Trainer`` with atomic checkpoints and a resumable data order (tokens/s is logged by Trainer itself)."""
 
     _staging: str | None = None
+    skip_vision_processor = None  # saved into every checkpoint (the family knows how)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -115,6 +116,8 @@ class SkipVisionTrainer(Trainer):
             torch.distributed.barrier()
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save and self.skip_vision_processor is not None:
+                save_processor(self.skip_vision_processor, os.path.join(self._staging, name))
         finally:
             self._staging = None
         if self.args.should_save:
@@ -130,11 +133,9 @@ class SkipVisionTrainer(Trainer):
 
 def load_for_training(model_dir: str, skip_vision: SkipVisionConfig | None, dtype: torch.dtype = torch.float32):
     """Model + processor for a run; ``skip_vision=None`` gives the exactly-vanilla configuration."""
-    if skip_vision is None:
-        skip_vision = vanilla_config(num_visual_tokens(AutoConfig.from_pretrained(model_dir)))
-    model = SkipVisionLlavaForConditionalGeneration.from_pretrained(model_dir, skip_vision=skip_vision, dtype=dtype)
-    processor = configure_processor(AutoProcessor.from_pretrained(model_dir), skip_vision)
-    return model, processor
+    skip_vision = skip_vision or vanilla_config()
+    model = from_pretrained(model_dir, skip_vision=skip_vision, dtype=dtype)
+    return model, load_processor(model_dir, skip_vision)
 
 
 def params_checksum(model: torch.nn.Module) -> float:
@@ -146,7 +147,7 @@ def save_atomically(model, processor, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    save_processor(processor, tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -157,7 +158,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     set_seed(cfg.seed)  # before loading: new parameters (the summary scorer) are initialised at load time
     model, processor = load_for_training(cfg.model, cfg.skip_vision)
     if cfg.freeze_vision_tower:
-        model.model.vision_tower.requires_grad_(False)
+        family_of(model).vision_tower(model).requires_grad_(False)
     dataset = LlavaJsonDataset(
         cfg.data, cfg.image_folder, processor, max_length=cfg.max_length, skip_bad_records=cfg.skip_bad_records
     )
@@ -188,8 +189,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     timer = StepTimer()
     trainer = SkipVisionTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
-        processing_class=processor, callbacks=[timer],
+        callbacks=[timer],
     )
+    trainer.skip_vision_processor = processor
     resume_from = get_last_checkpoint(cfg.output_dir) if cfg.resume and os.path.isdir(cfg.output_dir) else None
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)

@@ -1,0 +1,47 @@
+"""Model families Skip-Vision supports, one module each (the facts of that family and its model class).
+
+A new family is one module here: a :class:`skipvision.model.Family` subclass stating its facts, its
+``SkipVisionMixin`` model class, and an entry in :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..model import Family
+from .llava import LLAVA
+from .llava_next import LLAVA_NEXT
+from .llava_onevision import LLAVA_ONEVISION
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION)}
+
+
+def family_for(config: Any) -> Family:
+    """The family of an HF config (or a ``model_type`` string)."""
+    model_type = config if isinstance(config, str) else getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"Skip-Vision does not support model_type {model_type!r}; supported: {sorted(FAMILIES)}"
+        )
+    return FAMILIES[model_type]
+
+
+def family_by_name(name: str) -> Family:
+    """The family with CLI name ``name`` (``llava``, ``llava-next``, ``llava-onevision``)."""
+    for family in FAMILIES.values():
+        if name in (family.name, family.model_type):
+            return family
+    raise ValueError(f"unknown model family {name!r}; choose one of {sorted(f.name for f in FAMILIES.values())}")
+
+
+def family_for_processor(processor: Any) -> Family:
+    """The family whose processor class ``processor`` (an instance or a class) is. Most specific class wins."""
+    cls = processor if isinstance(processor, type) else type(processor)
+    cls = getattr(cls, "skip_vision_base", cls)
+    for family in FAMILIES.values():
+        if cls is family.processor_class:
+            return family
+    for family in FAMILIES.values():
+        if issubclass(cls, family.processor_class):
+            return family
+    raise TypeError(f"no Skip-Vision family uses processor {cls.__name__}")

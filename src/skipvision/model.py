@@ -1,0 +1,383 @@
+"""The generic Skip-Vision model: one mixin over any HF ``*ForConditionalGeneration`` a family adapter describes.
+
+The mixin knows no family. It embeds text, asks the family for each image's visual tokens, assembles
+``[R, sigma_R, S, sigma_S]`` per image (``sequence.py``), scatters them into the placeholders, passes the FFN row
+index down to the Skip-FFN decoder layers, and prunes the cache after prefill. A family (``families/<name>.py``)
+states its facts by subclassing :class:`Family`; its model class is ``SkipVisionMixin`` + the HF class.
+No transformers modeling code is copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, ProcessorMixin
+from transformers.cache_utils import Cache
+
+from .config import SkipVisionConfig, VisionFacts
+from .layout import check_image_spans, image_token_counts, scatter_image_flags
+from .selection import selection_strategy
+from .sequence import ImageSequence, ImageTokens, assemble
+from .skip_ffn import FFN_ROWS_KWARG, enable_skip_ffn, ffn_rows
+from .skip_kv import prune_skipped_kv, skip_kv_state
+from .summary import SummaryScorer
+
+
+class Family:
+    """Facts of one HF vision-language model family. Subclass per family (``families/<name>.py``).
+
+    Defaults fit LLaVA-style models: ``model.model.language_model.layers``, ``config.image_token_id``, a
+    CLIP/SigLIP tower at ``model.model.vision_tower`` with features from ``config.vision_feature_layer``.
+    """
+
+    name: str  # preset / CLI name
+    model_type: str  # HF ``config.model_type``
+    hf_class: type  # HF *ForConditionalGeneration
+    processor_class: type  # HF processor whose placeholder count the family sets
+    skip_class: type  # set by the family module: SkipVisionMixin + hf_class
+    image_input_names: tuple[str, ...] = ()  # forward kwargs that describe the images (image_sizes, ...)
+
+    # --- structure ----------------------------------------------------------------------------------------------
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.language_model.layers
+
+    def image_token_id(self, config: PretrainedConfig) -> int:
+        return config.image_token_id
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return model.model.vision_tower
+
+    def tower_passes(self, config: PretrainedConfig, num_images: int, image_inputs: dict[str, Any]) -> int:
+        """Tower passes the images of one batch take (one per image; anyres: base + tiles)."""
+        return num_images
+
+    def tower_has_cls(self, config: PretrainedConfig) -> bool:
+        """The tower emits a CLS token that the selected features drop (CLIP, "default", one feature layer)."""
+        return (
+            config.vision_config.model_type == "clip_vision_model"
+            and config.vision_feature_select_strategy == "default"
+            and isinstance(config.vision_feature_layer, int)
+        )
+
+    def tokens_per_tower_pass(self, config: PretrainedConfig) -> int:
+        """Visual tokens one tower pass (one image or tile) yields after feature selection."""
+        vision = config.vision_config
+        tokens = (vision.image_size // vision.patch_size) ** 2
+        has_cls = vision.model_type == "clip_vision_model"
+        if config.vision_feature_select_strategy == "full" and has_cls:
+            tokens += 1
+        elif config.vision_feature_select_strategy == "default" and not has_cls:
+            tokens -= 1  # HF drops the first token whether or not it is a CLS
+        return tokens
+
+    def vision_facts(self, config: PretrainedConfig) -> VisionFacts:
+        raise NotImplementedError
+
+    def selection_attention(self, model: nn.Module) -> nn.Module:
+        """The vision attention module whose input CLS-attention selection scores."""
+        tower = model.model.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        feature_layer = model.config.vision_feature_layer
+        if feature_layer == 0:
+            raise ValueError("selection='cls_attention' needs vision_feature_layer != 0 (embeddings have no attention)")
+        return layers[feature_layer if feature_layer < 0 else feature_layer - 1].self_attn
+
+    # --- images -------------------------------------------------------------------------------------------------
+    def num_images(self, pixel_values: torch.Tensor | None, image_inputs: dict[str, Any]) -> int:
+        return 0 if pixel_values is None else int(pixel_values.shape[0])
+
+    def check_image_inputs(self, config: PretrainedConfig, pixel_values: Any, image_inputs: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for image inputs of the wrong type or shape."""
+
+    def image_tokens(
+        self, model: nn.Module, pixel_values: torch.Tensor, image_inputs: dict[str, Any], config: SkipVisionConfig
+    ) -> list[ImageTokens]:
+        """Each image's visual tokens (tower + projector), the eligible count and, if the selection needs them,
+        scores. With ``config.native`` the tokens are exactly what the HF model scatters."""
+        raise NotImplementedError
+
+    # --- processor ----------------------------------------------------------------------------------------------
+    def configure_processor(
+        self, processor: ProcessorMixin, config: SkipVisionConfig, model_config: PretrainedConfig | None
+    ) -> ProcessorMixin:
+        raise NotImplementedError
+
+    def save_processor(self, processor: ProcessorMixin, path: str | os.PathLike) -> None:
+        processor.save_pretrained(path)
+
+    def load_processor(self, path: str | os.PathLike) -> ProcessorMixin:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path)
+
+    # --- FLOPs --------------------------------------------------------------------------------------------------
+    def model_shape(self, config: PretrainedConfig) -> Any:
+        """``flops.ModelShape`` of this model with one image of the base size."""
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def capture_input(module: nn.Module | None) -> Iterator[list[torch.Tensor]]:
+    """Record the ``hidden_states`` input of ``module`` while the block runs (nothing if None)."""
+    captured: list[torch.Tensor] = []
+    if module is None:
+        yield captured
+        return
+    hook = module.register_forward_pre_hook(
+        lambda _m, args, kwargs: captured.append(kwargs.get("hidden_states", args[0] if args else None)),
+        with_kwargs=True,
+    )
+    try:
+        yield captured
+    finally:
+        hook.remove()
+
+
+class SkipVisionMixin:
+    """Skip-Vision on top of an HF ``*ForConditionalGeneration``; settings live in ``config.skip_vision``."""
+
+    skip_vision_family: ClassVar[Family]
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config)
+        self._setup_skip_vision()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        family = cls.__dict__.get("skip_vision_family")
+        if family is not None:
+            _register_checkpoint_key_mapping(cls.__name__, family.model_type)
+            cls.forward = _forward_with_signature_of(family.hf_class)
+
+    # --- configuration: config.skip_vision (what config.json stores) is the one source of truth ------------------
+    @property
+    def skip_vision_config(self) -> SkipVisionConfig:
+        return SkipVisionConfig.from_dict(self.config.skip_vision)
+
+    @skip_vision_config.setter
+    def skip_vision_config(self, value: SkipVisionConfig) -> None:
+        previous = self.config.skip_vision
+        self.config.skip_vision = SkipVisionConfig.coerce(value).to_dict()
+        try:
+            self._setup_skip_vision()
+        except Exception:
+            self.config.skip_vision = previous
+            raise
+
+    def skip_vision_facts(self) -> VisionFacts:
+        return self.skip_vision_family.vision_facts(self.config)
+
+    def _setup_skip_vision(self) -> None:
+        raw = getattr(self.config, "skip_vision", None)
+        if raw is None:
+            raise ValueError(
+                "config has no skip_vision settings: load with skipvision.from_pretrained(path, "
+                "skip_vision=SkipVisionConfig(...)) or convert a model with skipvision.convert(model, cfg)"
+            )
+        cfg = SkipVisionConfig.coerce(raw)
+        cfg.check_against(self.skip_vision_facts())
+        self.config.skip_vision = cfg.to_dict()
+        enable_skip_ffn(self.skip_vision_family.decoder_layers(self), cfg.skip_layers)
+        if not cfg.summary_tokens:
+            self.summary_scorer = None
+        elif getattr(self, "summary_scorer", None) is None:
+            embed = self.get_input_embeddings().weight
+            self.summary_scorer = SummaryScorer(embed.shape[1]).to(device=embed.device, dtype=embed.dtype)
+            if embed.device.type != "meta":
+                self.summary_scorer.reset_parameters(self._initializer_range())
+
+    def _initializer_range(self) -> float:
+        return getattr(self.config.get_text_config(), "initializer_range", 0.02)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # new parameters missing from a vanilla checkpoint get the paper's init (method.md 3.4)
+        if isinstance(module, SummaryScorer):
+            module.reset_parameters(self._initializer_range())
+        else:
+            super()._init_weights(module)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *args: Any,
+        skip_vision: SkipVisionConfig | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        """Load a checkpoint (vanilla or Skip-Vision); ``skip_vision`` sets or overrides the settings."""
+        if skip_vision is not None:
+            config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path)
+            config.skip_vision = SkipVisionConfig.coerce(skip_vision).to_dict()
+            kwargs["config"] = config
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    # --- vision side ----------------------------------------------------------------------------------------
+    def image_sequences(self, pixel_values: torch.Tensor, **image_inputs: Any) -> list[ImageSequence]:
+        """Each image's placeholder embeddings ``[R, sigma_R, S, sigma_S]`` and its skipped flags."""
+        family = self.skip_vision_family
+        family.check_image_inputs(self.config, pixel_values, image_inputs)
+        cfg = self.skip_vision_config
+        dtype = self.get_input_embeddings().weight.dtype
+        images = family.image_tokens(self, pixel_values, image_inputs, cfg)
+        for image in images:
+            image.tokens = image.tokens.to(dtype)
+        return assemble(images, cfg, self.summary_scorer)
+
+    def encode_images(self, pixel_values: torch.Tensor, **image_inputs: Any) -> torch.Tensor | list[torch.Tensor]:
+        """Each image's token sequence as it enters the language model.
+
+        ``(num_images, tokens, hidden)`` when every image has the same count (LLaVA-1.5), else a list of
+        ``(tokens_i, hidden)``. Order per image: ``[R, sigma_R, S, sigma_S]`` (``[R, S]`` without summaries).
+        """
+        sequences = [s.embeds for s in self.image_sequences(pixel_values, **image_inputs)]
+        if len({s.shape[0] for s in sequences}) <= 1 and sequences:
+            return torch.stack(sequences)
+        return sequences
+
+    def embed_multimodal(
+        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None, **image_inputs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs_embeds, skipped)``: token embeddings with each image's sequence scattered into its
+        placeholders, and the ``(batch, seq)`` boolean mask of skipped tokens."""
+        cfg = self.skip_vision_config
+        family = self.skip_vision_family
+        image_token_id = family.image_token_id(self.config)
+        is_image = input_ids == image_token_id
+        provided = family.num_images(pixel_values, image_inputs)
+        fixed = self.skip_vision_facts().fixed_visual_tokens
+        if fixed is not None and not cfg.native:  # fixed count: check before running the tower
+            expected = int(image_token_counts(input_ids, image_token_id, cfg).sum())
+            if expected != provided:
+                raise ValueError(
+                    f"input_ids hold placeholders for {expected} image(s) ({cfg.num_image_tokens} tokens each) "
+                    f"but {provided} image(s) were given in pixel_values"
+                )
+        elif provided == 0 and bool(is_image.any()):
+            raise ValueError(
+                f"input_ids hold {int(is_image.sum())} image placeholder tokens but no images were given "
+                "(pixel_values is None)"
+            )
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        skipped = torch.zeros_like(is_image)
+        if provided:
+            sequences = self.image_sequences(pixel_values, **image_inputs)
+            check_image_spans(input_ids, image_token_id, [s.embeds.shape[0] for s in sequences])
+            image_embeds = torch.cat([s.embeds for s in sequences]).to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds)
+            skipped = scatter_image_flags(is_image, torch.cat([s.skipped for s in sequences]))
+        return inputs_embeds, skipped
+
+    # --- language side --------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ):
+        cfg = self.skip_vision_config
+        image_inputs = {k: kwargs.pop(k) for k in self.skip_vision_family.image_input_names if k in kwargs}
+        image_inputs = {k: v for k, v in image_inputs.items() if v is not None}
+        past_length = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
+        skipped = None
+        if input_ids is not None and (past_length == 0 or pixel_values is not None):
+            if inputs_embeds is not None:
+                raise ValueError("pass either input_ids or inputs_embeds, not both")
+            inputs_embeds, skipped = self.embed_multimodal(input_ids, pixel_values, **image_inputs)
+            input_ids = None
+        elif pixel_values is not None:
+            raise ValueError("Skip-Vision needs input_ids (with image placeholder tokens) when pixel_values are given")
+
+        has_skipped = skipped is not None and bool(skipped.any())
+        if has_skipped:
+            kwargs[FFN_ROWS_KWARG] = ffn_rows(skipped)
+            if cfg.skip_kv_cache and past_length > 0 and use_cache is not False:
+                raise ValueError(
+                    "Skip KV-cache prunes right after prefilling an empty cache; images after a non-empty cache are "
+                    "not supported. Start a new cache, or set skip_kv_cache=False."
+                )
+        elif self.training and self.summary_scorer is not None and inputs_embeds is not None:
+            # text-only batch: touch the scorer so every DDP/ZeRO rank reduces the same parameters
+            touch = sum(p.sum() for p in self.summary_scorer.parameters())
+            inputs_embeds = inputs_embeds + 0.0 * touch.to(inputs_embeds.dtype)
+
+        state = skip_kv_state(past_key_values)
+        if state is not None:
+            query_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            if position_ids is None:
+                position_ids = state.positions(attention_mask, past_length, query_length)
+            attention_mask = state.compact_attention_mask(attention_mask, past_length, query_length)
+
+        outputs = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        # training forwards also return a cache (config.use_cache); nobody decodes from it, so do not prune it
+        cache = outputs.past_key_values if hasattr(outputs, "past_key_values") else None
+        if has_skipped and cfg.skip_kv_cache and not self.training and isinstance(cache, Cache):
+            prune_skipped_kv(cache, skipped)
+        return outputs
+
+
+def _forward_with_signature_of(hf_class: type) -> Any:
+    """``SkipVisionMixin.forward`` presented with the HF class's signature: ``generate`` validates its kwargs
+    (``image_sizes`` ...) against it, and positional arguments keep HF's order. ``mm_encoder_outputs`` is left
+    out: with it ``generate`` would pre-encode images with HF's own path instead of Skip-Vision's."""
+    signature = inspect.signature(hf_class.forward)
+    signature = signature.replace(
+        parameters=[p for name, p in signature.parameters.items() if name != "mm_encoder_outputs"]
+    )
+
+    def forward(self: SkipVisionMixin, *args: Any, **kwargs: Any):
+        if args:
+            bound = signature.bind_partial(self, *args).arguments
+            kwargs = {**{k: v for k, v in bound.items() if k != "self"}, **kwargs}
+        return SkipVisionMixin.forward(self, **kwargs)
+
+    forward.__signature__ = signature
+    forward.__doc__ = SkipVisionMixin.forward.__doc__
+    return forward
+
+
+def _register_checkpoint_key_mapping(class_name: str, model_type: str) -> None:
+    # transformers renames legacy checkpoint keys (``language_model.lm_head`` -> ``lm_head`` ...) by class name or
+    # model_type, but skips classes defined outside transformers; without this, loading a llava-hf checkpoint
+    # would silently leave lm_head randomly initialised.
+    from transformers import conversion_mapping
+
+    mapping = conversion_mapping.get_checkpoint_conversion_mapping(model_type)
+    if mapping is not None:
+        conversion_mapping.register_checkpoint_conversion_mapping(class_name, mapping, overwrite=True)
+
+
+def selection_scores(
+    family: Family, model: nn.Module, config: SkipVisionConfig, eligible: int, run_tower: Any
+) -> tuple[Any, torch.Tensor | None]:
+    """Run ``run_tower()`` and, when the config's selection has to rank ``eligible`` tokens, score every tower
+    pass's tokens. Returns ``(run_tower's result, scores (passes, tokens) or None)``.
+    """
+    strategy = selection_strategy(config.selection)
+    ranks = not config.native and config.num_retained < eligible
+    attention = family.selection_attention(model) if strategy.needs_cls and ranks else None
+    with capture_input(attention) as captured:
+        result = run_tower()
+    scores = strategy.scores(attention, captured[0]) if attention is not None else None
+    return result, scores

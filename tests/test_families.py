@@ -1,0 +1,205 @@
+"""The invariant suite of method.md section 8, written once and run on every model family (tests/families.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from families import FAMILIES, batch, pair, vanilla_model
+
+import skipvision
+from skipvision import SkipVisionConfig
+
+NAMES = list(FAMILIES)
+LAYOUT = [(1, " what color is it?"), (1, "a b"), (0, "text only sample here"), (2, " compare")]
+NEW_TOKENS = 5
+
+
+def _inputs(name, model, cfg, samples=LAYOUT, dtype=torch.float32):
+    return batch(name, cfg, samples, model.config, dtype=dtype)
+
+
+def _family_forward(model, **kwargs):
+    """The HF class's own forward (no Skip-FFN rows unless passed): the reference path."""
+    return skipvision.family_of(model).hf_class.forward(model, **kwargs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_native_layout_equals_vanilla_hf(name):
+    vanilla, model = pair(name, skipvision.vanilla_config())
+    inputs = _inputs(name, model, None)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    ref = vanilla(**inputs, labels=labels)
+    out = model(**inputs, labels=labels)
+    assert (out.logits - ref.logits).abs().max() <= 1e-5
+    assert torch.allclose(out.loss, ref.loss, atol=1e-6)
+    gen_ref = vanilla.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    gen = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(gen, gen_ref)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_skip_ffn_equals_gated_reference_fp64(name):
+    _, model = pair(name, dtype=torch.float64)
+    cfg = model.skip_vision_config
+    inputs = _inputs(name, model, cfg, dtype=torch.float64)
+    mask = inputs["attention_mask"]
+    labels = inputs["input_ids"].masked_fill(mask == 0, -100)
+    out = model(**inputs, labels=labels)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
+    embeds, skipped = model.embed_multimodal(inputs["input_ids"], inputs["pixel_values"], **images)
+    assert int(skipped.sum()) > 0
+    gate = (~skipped).to(embeds.dtype).unsqueeze(-1)
+    layers = skipvision.family_of(model).decoder_layers(model)
+    hooks = [layer.mlp.register_forward_hook(lambda _m, _i, o: o * gate) for layer in layers]
+    try:
+        ref = _family_forward(model, inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    ref.loss.backward()
+    valid = mask.bool()
+    assert (out.logits - ref.logits)[valid].abs().max() <= 1e-10
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-10
+    assert "summary_scorer.score.weight" in grads
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert torch.allclose(grads[n], p.grad, atol=1e-10, rtol=1e-8), n
+    # and the gate matters: the ungated forward differs
+    plain = _family_forward(model, inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+    assert (plain.logits - out.logits)[valid].abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mlp_runs_on_non_skipped_rows_only(name):
+    _, model = pair(name)
+    inputs = _inputs(name, model, model.skip_vision_config)
+    images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
+    _, skipped = model.embed_multimodal(inputs["input_ids"], inputs["pixel_values"], **images)
+    rows = []
+    layers = skipvision.family_of(model).decoder_layers(model)
+    count = lambda _m, args: rows.append(args[0].shape[:-1].numel())  # noqa: E731
+    hooks = [layer.mlp.register_forward_pre_hook(count) for layer in layers]
+    model(**inputs)
+    for h in hooks:
+        h.remove()
+    assert rows == [inputs["input_ids"].numel() - int(skipped.sum())] * len(layers)
+
+
+def _masked_full_forward(model, sequences, inputs, prompt_skipped, skip_kv):
+    prompt_length = inputs["input_ids"].shape[1]
+    batch_size, total = sequences.shape
+    attention_mask = torch.cat(
+        [inputs["attention_mask"], torch.ones(batch_size, total - prompt_length, dtype=torch.long)], dim=1
+    )
+    skipped = torch.zeros(batch_size, total, dtype=torch.bool)
+    skipped[:, :prompt_length] = prompt_skipped
+    rows = torch.arange(total)
+    allowed = (rows[None, :, None] >= rows[None, None, :]) & attention_mask.bool()[:, None, :]
+    if skip_kv:
+        allowed &= ~((rows[None, :, None] >= prompt_length) & skipped[:, None, :])
+    allowed |= torch.eye(total, dtype=torch.bool)
+    positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    out = model(input_ids=sequences, attention_mask=allowed[:, None], position_ids=positions, use_cache=False, **extra)
+    return out.logits[:, prompt_length - 1 : total - 1]
+
+
+@pytest.mark.parametrize("skip_kv", [True, False], ids=["skip-kv", "full-kv"])
+@pytest.mark.parametrize("layout", ["batch1", "left-padded"])
+@pytest.mark.parametrize("name", NAMES)
+def test_generate_equals_masked_full_forward(name, layout, skip_kv):
+    cfg = SkipVisionConfig(**{**FAMILIES[name][1].to_dict(), "skip_kv_cache": skip_kv})
+    _, model = pair(name, cfg)
+    samples = LAYOUT[:1] if layout == "batch1" else LAYOUT
+    inputs = _inputs(name, model, cfg, samples)
+    image_id = model.config.image_token_id
+    out = model.generate(
+        **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=[image_id, 2],
+        output_logits=True, return_dict_in_generate=True,
+    )
+    generated = torch.stack(out.logits, dim=1)
+    images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
+    _, prompt_skipped = model.embed_multimodal(inputs["input_ids"], inputs["pixel_values"], **images)
+    reference = _masked_full_forward(model, out.sequences, inputs, prompt_skipped, skip_kv)
+    assert (generated - reference).abs().max() <= 1e-5
+    # cache after prefill + NEW_TOKENS - 1 steps: each sample's valid entries = L_b - its skipped tokens + steps
+    cache = out.past_key_values
+    length = inputs["input_ids"].shape[1]
+    if skip_kv:
+        state = skipvision.skip_kv_state(cache)
+        expected = (inputs["attention_mask"].shape[1] - prompt_skipped.sum(1)).tolist()
+        assert state.slot_valid.sum(1).tolist() == expected
+        assert cache.get_seq_length() == max(expected) + NEW_TOKENS - 1
+        unmasked = _masked_full_forward(model, out.sequences, inputs, prompt_skipped, skip_kv=False)
+        assert (generated[:, 1:] - unmasked[:, 1:]).abs().max() > 1e-4  # the pruning matters
+    else:
+        assert cache.get_seq_length() == length + NEW_TOKENS - 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_and_padding_invariance(name):
+    _, model = pair(name)
+    cfg = model.skip_vision_config
+    inputs = _inputs(name, model, cfg)
+    batched = model(**inputs).logits
+    for b, sample in enumerate(LAYOUT):
+        keep = inputs["attention_mask"][b].bool()
+        alone_inputs = _inputs(name, model, cfg, [sample])
+        # the same images as in the batch: rebuild the batch with only this sample's images
+        if sample[0]:
+            before = sum(n for n, _ in LAYOUT[:b])
+            alone_inputs = _select_images(inputs, before, sample[0], name)
+            alone_inputs["input_ids"] = inputs["input_ids"][b : b + 1, keep]
+            alone_inputs["attention_mask"] = torch.ones_like(alone_inputs["input_ids"])
+        alone = model(**alone_inputs).logits[0]
+        assert (batched[b, keep] - alone).abs().max() <= 1e-5
+
+
+def _select_images(inputs, start, count, name):
+    out = {}
+    for key in ("pixel_values", "image_sizes"):
+        if key in inputs:
+            out[key] = inputs[key][start : start + count]
+    if "batch_num_images" in inputs:
+        out["batch_num_images"] = torch.tensor([1] * count)
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_and_load_round_trip(name, tmp_path):
+    _, model = pair(name)
+    cfg = model.skip_vision_config
+    inputs = _inputs(name, model, cfg)
+    before = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    loaded = skipvision.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model) and loaded.skip_vision_config == cfg
+    after = loaded(**inputs).logits
+    assert (after - before).abs().max() == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_inputs_raise_clear_errors(name):
+    _, model = pair(name)
+    cfg = model.skip_vision_config
+    inputs = _inputs(name, model, cfg, LAYOUT[:2])
+    wrong = dict(inputs, input_ids=inputs["input_ids"][:, 1:], attention_mask=inputs["attention_mask"][:, 1:])
+    wrong["input_ids"] = inputs["input_ids"].clone()
+    image_id = model.config.image_token_id
+    first = int((wrong["input_ids"][0] == image_id).nonzero()[0, 0])
+    wrong["input_ids"][0, first] = 7  # one placeholder fewer
+    with pytest.raises(ValueError, match="placeholder"):
+        model(**wrong)
+    no_images = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    with pytest.raises(ValueError, match="image"):
+        model(**no_images)
+    vanilla = vanilla_model(name)
+    facts = skipvision.vision_facts(vanilla.config)
+    with pytest.raises(ValueError, match="num_retained .* larger"):
+        skipvision.convert(vanilla, SkipVisionConfig(num_retained=facts.eligible_tokens + 1, num_skipped=4,
+                                                     selection="position"))
+    assert type(vanilla) is skipvision.family_of(vanilla).hf_class  # a failed convert leaves the model as it was
