@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import skipvision
-from skipvision.data import IGNORE_INDEX, LlavaCollator, LlavaJsonDataset, RecordError, make_dataset
+from skipvision.data import IGNORE_INDEX, DataError, LlavaCollator, LlavaJsonDataset, RecordError, make_dataset
 from skipvision.presets import init_model
 
 
@@ -82,15 +82,15 @@ def test_bad_records_name_their_id(tmp_path, processor):
     ]
     path = write(tmp_path, records)
     (tmp_path / "images" / "bad.png").write_bytes(b"not a png at all")
-    ds = LlavaJsonDataset(path, None, processor)
     messages = ["record missing-image: cannot read image", "record corrupt-image: cannot read image",
                 "record odd-turns: 'conversations'", "record wrong-role: turn 0", "record marker-mismatch: 1 <image>"]
-    for index, message in enumerate(messages):
-        with pytest.raises(RecordError, match=message):
-            ds[index]
-    skipping = LlavaJsonDataset(path, None, processor, skip_bad_records=True)
-    with pytest.warns(UserWarning, match="skipping bad record: record missing-image"):
-        assert skipping[0]["id"] == "fine"
+    with pytest.raises(DataError, match="5 bad record") as error:  # the whole file is checked up front
+        LlavaJsonDataset(path, None, processor)
+    for message in messages:
+        assert message in str(error.value)
+    with pytest.warns(UserWarning, match="skipping 5 bad record.*record missing-image"):
+        skipping = LlavaJsonDataset(path, None, processor, skip_bad_records=True)
+    assert [r["id"] for r in skipping.records] == ["fine"] and skipping[0]["id"] == "fine"
 
 
 def test_generator_is_deterministic_and_has_a_held_out_split(tmp_path):

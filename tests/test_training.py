@@ -13,7 +13,7 @@ import torch
 import skipvision
 from skipvision.data import LlavaCollator, LlavaJsonDataset, make_dataset
 from skipvision.presets import MODEL_PRESETS, init_model
-from skipvision.train import TrainConfig, train
+from skipvision.train import RUN_MANIFEST, TrainConfig, train
 
 SKIP = MODEL_PRESETS["tiny"].skip_vision
 
@@ -63,8 +63,10 @@ def test_resume_after_a_crash_reproduces_the_loss_curve(setup):
     full = train(config(setup, "straight", skip_vision=SKIP, max_steps=4, save_steps=2))
     crashed = setup[0] / "crashed"
     partial = train(config(setup, "crashed", skip_vision=SKIP, max_steps=4, save_steps=2))
-    shutil.rmtree(crashed / "checkpoint-4")  # the crash: step 4 never reached disk
+    shutil.rmtree(crashed / "checkpoint-4")  # the crash: step 4 never reached disk, nor the end of the run
     shutil.rmtree(crashed / "final")
+    manifest = json.loads((crashed / RUN_MANIFEST).read_text())
+    (crashed / RUN_MANIFEST).write_text(json.dumps({**manifest, "finished": False}))
     (crashed / ".staging" / "checkpoint-6").mkdir(parents=True)  # a half-written checkpoint is never resumed
     resumed = train(config(setup, "crashed", skip_vision=SKIP, max_steps=4, save_steps=2, resume=True))
     assert resumed["resumed_from"].endswith("checkpoint-2")

@@ -122,13 +122,10 @@ def measure(model: PreTrainedModel, inputs: dict[str, torch.Tensor], settings: B
             torch.cuda.reset_peak_memory_stats()
         result["prefill_seconds"] = median_seconds(lambda: model(**prompt, use_cache=True, logits_to_keep=1), settings)
         n = settings.new_tokens
-        one = median_seconds(lambda: model.generate(**prompt, max_new_tokens=1, min_new_tokens=1, **gen_kwargs),
-                             settings)
-        full = median_seconds(lambda: model.generate(**prompt, max_new_tokens=n + 1, min_new_tokens=n + 1,
-                                                     **gen_kwargs), settings)
-        result["generate_seconds"] = full
-        # a decode time too small to resolve (noise made n+1 tokens no slower than 1) is reported as None, never 0
-        result["decode_seconds_per_token"] = (full - one) / n if full > one else None
+        result["generate_seconds"] = median_seconds(
+            lambda: model.generate(**prompt, max_new_tokens=n + 1, min_new_tokens=n + 1, **gen_kwargs), settings
+        )
+        result["decode_seconds_per_token"] = decode_seconds_per_token(model, prompt, settings)
         if settings.device.startswith("cuda"):
             result["peak_inference_memory_bytes"] = torch.cuda.max_memory_allocated()
     if settings.train:
@@ -148,6 +145,32 @@ def measure(model: PreTrainedModel, inputs: dict[str, torch.Tensor], settings: B
         del optimizer
         model.eval()
     return result
+
+
+def decode_seconds_per_token(model: PreTrainedModel, prompt: dict[str, torch.Tensor], settings: BenchSettings):
+    """Median time of one greedy decode step (model forward with the cache), timed over ``new_tokens`` steps that
+    start from one prefilled cache (copied, untimed, for each repeat); None if too small to resolve."""
+    prefill = model(**prompt, use_cache=True, logits_to_keep=1)
+    first = prefill.logits[:, -1:].argmax(-1)
+
+    def steps(cache) -> None:
+        mask, token = prompt["attention_mask"], first
+        for _ in range(settings.new_tokens):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+
+    times = []
+    for i in range(settings.warmup + settings.repeats):
+        cache = copy.deepcopy(prefill.past_key_values)
+        _sync(settings.device)
+        start = time.perf_counter()
+        steps(cache)
+        _sync(settings.device)
+        if i >= settings.warmup:
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times) / settings.new_tokens
+    return seconds if seconds > 0 else None  # a clock that cannot resolve it gives None, never 0
 
 
 RATIO_KEYS = ("prefill_seconds", "decode_seconds_per_token", "generate_seconds", "train_step_seconds",

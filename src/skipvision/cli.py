@@ -14,13 +14,14 @@ from .selection import SELECTIONS
 
 def _add_skip_vision_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Skip-Vision")
-    g.add_argument("--vanilla", action="store_true", help="plain LLaVA (every token retained, nothing skipped)")
-    g.add_argument("--num-retained", type=int, help="N_r: visual tokens with full blocks")
-    g.add_argument("--num-skipped", type=int, help="N_s: skipped tokens after merging")
-    g.add_argument("--selection", choices=list(SELECTIONS), default="cls_attention")
-    g.add_argument("--merge", choices=MERGES, default="tome")
-    g.add_argument("--no-summary-tokens", action="store_true")
-    g.add_argument("--no-skip-kv-cache", action="store_true")
+    g.add_argument("--vanilla", action="store_true", help="the vanilla model (every token retained, nothing skipped)")
+    g.add_argument("--num-retained", type=int, help="N_r: visual tokens with full blocks (default: the checkpoint's)")
+    g.add_argument("--num-skipped", type=int, help="N_s: skipped tokens after merging (default: the checkpoint's)")
+    g.add_argument("--selection", choices=list(SELECTIONS), default="cls_attention",
+                   help="how R is chosen among the eligible tokens")
+    g.add_argument("--merge", choices=MERGES, default="tome", help="how the skip candidates become N_s tokens")
+    g.add_argument("--no-summary-tokens", action="store_true", help="leave out sigma_R and sigma_S")
+    g.add_argument("--no-skip-kv-cache", action="store_true", help="keep S's keys/values for decoding")
     g.add_argument("--skip-layers", type=int, nargs="+", help="decoder layers that skip the FFN (default: all)")
 
 
@@ -29,11 +30,11 @@ def _skip_vision_from_args(args: argparse.Namespace, default: SkipVisionConfig |
         return None
     if args.num_retained is None and args.num_skipped is None:
         if default is None:
-            raise SystemExit("error: give --num-retained and --num-skipped (or --vanilla)")
+            raise ValueError("give --num-retained and --num-skipped (or --vanilla)")
         base = default
     else:
         if args.num_retained is None or args.num_skipped is None:
-            raise SystemExit("error: --num-retained and --num-skipped go together")
+            raise ValueError("--num-retained and --num-skipped go together")
         base = SkipVisionConfig(args.num_retained, args.num_skipped, args.selection, args.merge)
     return replace(
         base,
@@ -71,8 +72,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         learning_rate=args.lr, bf16=args.bf16, seed=args.seed, save_steps=args.save_steps,
         logging_steps=args.logging_steps, max_length=args.max_length,
-        freeze_vision_tower=not args.train_vision_tower, resume=args.resume,
-        skip_bad_records=args.skip_bad_records, extra_args=_training_args(args.training_args),
+        freeze_vision_tower=not args.train_vision_tower, resume=args.resume, overwrite=args.overwrite,
+        skip_bad_records=args.skip_bad_records, allow_outside_image_folder=args.allow_outside_image_folder,
+        extra_args=_training_args(args.training_args),
     ))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
 
@@ -102,6 +104,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result = evaluate(
         args.model, args.data, args.image_folder, batch_size=args.batch_size,
         skip_kv_cache=False if args.no_skip_kv_cache else None, limit=args.limit,
+        allow_outside_image_folder=args.allow_outside_image_folder,
     )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
@@ -115,7 +118,7 @@ def cmd_flops(args: argparse.Namespace) -> None:
     from .config import VisionFacts
 
     if args.preset not in F.PRESETS:
-        raise SystemExit(f"error: unknown preset {args.preset!r}; choose one of {sorted(F.PRESETS)}")
+        raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(F.PRESETS)}")
     preset = F.PRESETS[args.preset]
     shape = preset.shape_for(args.tiles)
     cfg = preset.skip_vision
@@ -180,7 +183,7 @@ def _bench_model(args: argparse.Namespace):
         base = family.hf_class.from_pretrained(args.model)
         skip = _skip_vision_from_args(args, _checkpoint_skip_vision(args.model))
         if skip is None:
-            raise SystemExit("error: bench compares against vanilla itself; give the Skip-Vision setting")
+            raise ValueError("bench compares against vanilla itself; give the Skip-Vision setting")
         processor = load_processor(args.model, vanilla_config())
         layers = base.config.get_text_config().num_hidden_layers
         return base, processor, skip, f"model {args.model} ({family.name}, {layers} layers)"
@@ -198,101 +201,117 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .flops import DEFAULT_TEXT_TOKENS
+    from .flops import PRESETS as FLOPS_PRESETS
     from .presets import MODEL_PRESETS
 
     presets = sorted(MODEL_PRESETS)
-    parser = argparse.ArgumentParser(prog="skipvision", description=__doc__)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="skipvision", description=__doc__, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"skipvision {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    add = lambda name, **kw: sub.add_parser(name, formatter_class=fmt, **kw)  # noqa: E731
 
-    p = sub.add_parser("init-model", help="write a tiny random checkpoint of a supported family (no download)")
-    p.add_argument("--preset", default="tiny", choices=presets)
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p = add("init-model", help="write a tiny random checkpoint of a supported family (no download)")
+    p.add_argument("--preset", default="tiny", choices=presets, help="model preset (family and sizes)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     p.set_defaults(func=cmd_init_model)
 
-    p = sub.add_parser("make-data", help="generate the embedded shapes VQA dataset (LLaVA JSON + PNG)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=168)
+    p = add("make-data", help="generate the embedded shapes VQA dataset (LLaVA JSON + PNG)")
+    p.add_argument("--out", required=True, help="folder for train.json, test.json and images/")
+    p.add_argument("--n", type=int, default=2000, help="records to generate (at least 2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the scenes and questions")
+    p.add_argument("--image-size", type=int, default=168, help="scene size in pixels (336 gives tiny-next 2x2 tiles)")
     p.set_defaults(func=cmd_make_data)
 
-    p = sub.add_parser("train", help="fine-tune a LLaVA checkpoint with (or without) Skip-Vision")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="LLaVA JSON")
-    p.add_argument("--image-folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--max-steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-steps", type=int, default=50)
-    p.add_argument("--logging-steps", type=int, default=10)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--train-vision-tower", action="store_true", help="default: frozen, as in LLaVA SFT")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--skip-bad-records", action="store_true", help="warn and skip records that cannot be read")
+    p = add("train", help="fine-tune a checkpoint with (or without) Skip-Vision on HF Trainer")
+    p.add_argument("--model", required=True, help="checkpoint directory (vanilla or Skip-Vision) with its processor")
+    p.add_argument("--data", required=True, help="LLaVA-format JSON file")
+    p.add_argument("--image-folder", help="folder of the records' image paths (default: <data dir>/images)")
+    p.add_argument("--allow-outside-image-folder", action="store_true",
+                   help="let records read images outside the image folder (absolute paths, ../)")
+    p.add_argument("--out", required=True, help="output folder of the run (checkpoints, final/, summary)")
+    p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
+    p.add_argument("--resume", action="store_true", help="continue this run from its last checkpoint in --out")
+    p.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="per-device batch size")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
+    p.add_argument("--bf16", action="store_true", help="train in bf16 mixed precision")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
+    p.add_argument("--save-steps", type=int, default=50, help="write a checkpoint every N steps")
+    p.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps")
+    p.add_argument("--max-length", type=int, default=1024, help="longest tokenised conversation; longer are cut")
+    p.add_argument("--train-vision-tower", action="store_true", help="also train the tower (default: frozen)")
+    p.add_argument("--skip-bad-records", action="store_true", help="drop records that cannot be read, with a warning")
     p.add_argument("--training-args", help="extra TrainingArguments, JSON or a JSON file (fsdp, deepspeed, ...)")
     _add_skip_vision_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="exact-match accuracy with generate")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--image-folder")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int)
-    p.add_argument("--no-skip-kv-cache", action="store_true")
-    p.add_argument("--out")
+    p = add("eval", help="exact-match accuracy with generate (a vanilla checkpoint is the baseline)")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--data", required=True, help="LLaVA-format JSON file")
+    p.add_argument("--image-folder", help="folder of the records' image paths (default: <data dir>/images)")
+    p.add_argument("--allow-outside-image-folder", action="store_true",
+                   help="let records read images outside the image folder (absolute paths, ../)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    p.add_argument("--limit", type=int, help="evaluate only the first N records (N >= 1)")
+    p.add_argument("--no-skip-kv-cache", action="store_true", help="decode with the full cache (w/o SK ablation)")
+    p.add_argument("--out", help="write predictions and scores as JSON")
     p.set_defaults(func=cmd_eval)
 
-    from .flops import DEFAULT_TEXT_TOKENS
-
-    p = sub.add_parser("flops", help="analytic FLOPs of the paper's models, vanilla vs Skip-Vision")
-    p.add_argument("--preset", required=True)
-    p.add_argument("--num-retained", type=int)
-    p.add_argument("--num-skipped", type=int)
-    p.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS)
-    p.add_argument("--new-tokens", type=int, default=0)
+    p = add("flops", help="analytic FLOPs of the paper's models, vanilla vs Skip-Vision")
+    p.add_argument("--preset", required=True, choices=sorted(FLOPS_PRESETS), help="model geometry")
+    p.add_argument("--num-retained", type=int, help="override N_r")
+    p.add_argument("--num-skipped", type=int, help="override N_s")
+    p.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="prompt text tokens")
+    p.add_argument("--new-tokens", type=int, default=0, help="also count this many decode steps")
     p.add_argument("--tiles", type=int, choices=range(1, 9), metavar="1..8",
                    help="tiles of the HD / LLaVA-NeXT presets (default 4)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=cmd_flops)
 
-    p = sub.add_parser("bench", help="latency/memory benchmark, vanilla vs Skip-Vision side by side")
+    p = add("bench", help="latency/memory benchmark, vanilla vs Skip-Vision side by side")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="a LLaVA checkpoint directory")
-    src.add_argument("--preset", default="tiny", help=f"a model preset with random weights ({', '.join(presets)})")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    src.add_argument("--model", help="a checkpoint directory (its own weights)")
+    src.add_argument("--preset", default="tiny", choices=presets, help="a model preset with random weights")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4], help="batch sizes to measure")
     p.add_argument("--tiles", type=int, nargs="+", default=[0],
                    help="anyres families: tile counts to measure (image sized to give them); 0 = no tiling")
-    p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--no-train", action="store_true")
-    p.add_argument("--device")
+    p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32"], help="dtypes to measure")
+    p.add_argument("--new-tokens", type=int, default=16, help="decode steps per generate / decode timing")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up repetitions")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step timing")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--out", help="write the rows as JSON")
     _add_skip_vision_args(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="end to end: data, train vanilla and Skip-Vision, evaluate, measure, report")
-    p.add_argument("--out", default="./skipvision-demo")
+    p = add("demo", help="end to end: data, train vanilla and Skip-Vision, evaluate, measure, report")
+    p.add_argument("--out", default="./skipvision-demo", help="output folder (replaced)")
     p.add_argument("--preset", default="tiny", choices=presets, help="model preset (tiny-next: SV-LLaVA-HD style)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--n", type=int, default=None, help="examples to generate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the preset's)")
+    p.add_argument("--n", type=int, default=None, help="examples to generate (default 6000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _check_model_dir(path: str) -> None:
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"--model {path} is not a checkpoint directory (no config.json there)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "model", None):
+            _check_model_dir(args.model)
         args.func(args)
-    except ValueError as error:  # bad configuration or data: say what is wrong, no traceback
+    except (ValueError, FileNotFoundError) as error:  # bad configuration or data: say what is wrong, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

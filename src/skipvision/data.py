@@ -119,6 +119,8 @@ def make_dataset(out: str | Path, n: int = 2000, seed: int = 0, image_size: int 
     colour/shape at a cell, counting, relative position or the small object (hard for a tiny model). About 5% of
     records are text-only and 20% have two turns. Returns the paths of the two JSON files.
     """
+    if not isinstance(n, int) or n < 2:
+        raise ValueError(f"make_dataset needs n >= 2 records (one at least for each split), got n={n!r}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -155,39 +157,128 @@ class RecordError(ValueError):
     """A LLaVA record that cannot be used; the message names its id."""
 
 
+class DataError(ValueError):
+    """A data file that cannot be used as a whole; the message names the file."""
+
+
+#: images larger than this (pixels) are refused: decoding and resizing them takes seconds to minutes per item
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def load_records(json_path: str | Path) -> list[Any]:
+    """The records of a LLaVA JSON file, with errors that name the file."""
+    path = Path(json_path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    try:
+        records = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(records, list):
+        raise DataError(f"{path} must hold a list of LLaVA records, got {type(records).__name__}")
+    if not records:
+        raise DataError(f"{path} holds no records")
+    return records
+
+
 class LlavaJsonDataset(torch.utils.data.Dataset):
     """LLaVA instruction JSON tokenised with the processor's chat template.
 
-    Each ``<image>`` becomes the processor's image placeholder count (``configure_processor`` sets it to
-    ``num_image_tokens(cfg)``); labels supervise only the assistant answers (the template's ``{% generation %}``
-    spans). Bad records raise :class:`RecordError` naming the record id, or are skipped with a warning when
-    ``skip_bad_records`` is set.
+    Each ``<image>`` becomes the processor's image placeholder count (``configure_processor`` sets the
+    Skip-Vision one); labels supervise only the assistant answers (the template's ``{% generation %}`` spans).
+    The whole file is checked up front (structure, image paths inside ``image_folder``, image sizes); bad records
+    raise :class:`DataError` listing them, or are dropped with one warning when ``skip_bad_records`` is set.
     """
 
     def __init__(
         self, json_path: str | Path, image_folder: str | Path | None, processor: Any, max_length: int = 1024,
-        skip_bad_records: bool = False,
+        skip_bad_records: bool = False, allow_outside_image_folder: bool = False,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
-        self.records = json.loads(Path(json_path).read_text())
-        if not isinstance(self.records, list):
-            raise RecordError(f"{json_path} must hold a list of LLaVA records, got {type(self.records).__name__}")
-        self.image_folder = Path(image_folder) if image_folder is not None else Path(json_path).parent / "images"
+        self.json_path = Path(json_path)
+        self.records = load_records(json_path)
+        self.image_folder = Path(image_folder) if image_folder is not None else self.json_path.parent / "images"
         self.processor = processor
         self.max_length = max_length
         self.skip_bad_records = skip_bad_records
+        self.allow_outside_image_folder = allow_outside_image_folder
+        self.max_image_pixels = max_image_pixels
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self._check_records()
+
+    def _check_records(self) -> None:
+        problems: list[str] = []
+        good = []
+        for record in self.records:
+            try:
+                self.check(record)
+                good.append(record)
+            except RecordError as error:
+                problems.append(str(error))
+        if not problems:
+            return
+        listing = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
+        if not self.skip_bad_records:
+            raise DataError(f"{self.json_path}: {len(problems)} bad record(s): {listing}")
+        if not good:
+            raise DataError(f"{self.json_path}: every record is bad ({len(problems)}): {listing}")
+        warnings.warn(f"{self.json_path}: skipping {len(problems)} bad record(s): {listing}", stacklevel=3)
+        self.records = good
+
+    def check(self, record: Any) -> None:
+        """Raise :class:`RecordError` if ``record`` is malformed or its images are missing, outside the image folder
+        or too large (reads image headers only)."""
+        self.messages(record)
+        rid = record.get("id", "<no id>")
+        paths = self.image_paths(record)
+        markers = sum(turn["value"].count("<image>") for turn in record["conversations"])
+        if markers != len(paths):
+            raise RecordError(f"record {rid}: {markers} <image> marker(s) but {len(paths)} image(s)")
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    width, height = image.size
+            except (OSError, ValueError) as error:
+                raise RecordError(f"record {rid}: cannot read image {path}: {error}") from error
+            if width * height > self.max_image_pixels:
+                raise RecordError(
+                    f"record {rid}: image {path} is {width}x{height}, more than max_image_pixels="
+                    f"{self.max_image_pixels}; downscale it or raise the limit"
+                )
+
+    def image_paths(self, record: dict[str, Any]) -> list[Path]:
+        """The record's image files, confined to the image folder unless ``allow_outside_image_folder``."""
+        rid = record.get("id", "<no id>")
+        names = record.get("image")
+        names = [] if names is None else names if isinstance(names, list) else [names]
+        folder = self.image_folder.resolve()
+        paths = []
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise RecordError(f"record {rid}: image names must be non-empty strings, got {name!r}")
+            path = (self.image_folder / name).resolve()
+            if not self.allow_outside_image_folder and not path.is_relative_to(folder):
+                raise RecordError(
+                    f"record {rid}: image {name!r} is outside the image folder {folder} (pass "
+                    "allow_outside_image_folder / --allow-outside-image-folder to read it)"
+                )
+            paths.append(path)
+        return paths
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        try:
-            return self.encode(self.records[index])
-        except RecordError as error:
-            if not self.skip_bad_records:
-                raise
-            warnings.warn(f"skipping bad record: {error}", stacklevel=2)
-            return self[(index + 1) % len(self)]
+        # a record that only fails when encoded (e.g. its answer does not fit): skip forward, never recursively
+        for attempt in range(len(self)):
+            record = self.records[(index + attempt) % len(self)]
+            try:
+                return self.encode(record)
+            except RecordError as error:
+                if not self.skip_bad_records:
+                    raise
+                warnings.warn(f"skipping bad record: {error}", stacklevel=2)
+        raise DataError(f"{self.json_path}: no record in the file can be encoded")
 
     def messages(self, record: dict[str, Any]) -> list[dict[str, str]]:
         rid = record.get("id", "<no id>") if isinstance(record, dict) else "<not a dict>"
@@ -205,11 +296,8 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
 
     def load_images(self, record: dict[str, Any]) -> list[Image.Image]:
         rid = record.get("id", "<no id>")
-        names = record.get("image")
-        names = [] if names is None else names if isinstance(names, list) else [names]
         images = []
-        for name in names:
-            path = self.image_folder / str(name)
+        for path in self.image_paths(record):
             try:
                 with Image.open(path) as image:
                     images.append(image.convert("RGB"))
@@ -256,6 +344,11 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             if input_ids[: self.max_length].count(self.image_token_id) != sum(counts):
                 raise RecordError(f"record {rid}: max_length={self.max_length} would cut an image's tokens")
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
+            if all(label == IGNORE_INDEX for label in labels):
+                raise RecordError(
+                    f"record {rid}: its answer does not fit in max_length={self.max_length} (the conversation has "
+                    f"{len(encoded['input_ids']) + sum(counts) - len(counts)} tokens); raise --max-length"
+                )
         item = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "id": rid}
         item.update({k: torch.as_tensor(v) for k, v in image_inputs.items()})
         return item

@@ -21,7 +21,7 @@ from .evaluate import evaluate
 from .presets import get_preset, init_model
 from .train import TrainConfig, train
 
-DEFAULT_STEPS = {"tiny": 700, "small": 150, "tiny-next": 400, "tiny-onevision": 400}
+DEFAULT_STEPS = {"tiny": 700, "small": 150, "tiny-next": 300, "tiny-onevision": 300}
 DEFAULT_EXAMPLES = 6000
 BATCH_SIZE = 8
 LEARNING_RATE = 1e-3
@@ -130,7 +130,7 @@ def demo(
         summary = train(TrainConfig(
             model=str(base), data=str(train_json), output_dir=str(out / "runs" / name), skip_vision=cfg,
             max_steps=steps, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, seed=seed,
-            save_steps=max(steps // 2, 1), logging_steps=max(steps // 10, 1),
+            save_steps=max(steps // 2, 1), logging_steps=max(steps // 10, 1), overwrite=True,
         ))
         report[name] = {"train_seconds": summary["train_seconds"], "train_step_seconds": summary["train_step_seconds"],
                         "final_loss": summary["losses"][-1] if summary["losses"] else None,

@@ -28,19 +28,22 @@ def evaluate(
     skip_kv_cache: bool | None = None,
     limit: int | None = None,
     progress: bool = True,
+    allow_outside_image_folder: bool = False,
 ) -> dict[str, Any]:
     """Answer the last question of every record greedily; exact-match accuracy overall and per ``type``.
 
     A checkpoint without Skip-Vision settings is evaluated as the vanilla model. ``skip_kv_cache`` overrides
     the checkpoint's setting (None keeps it).
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 (or None for every record), got {limit}")
     model = from_pretrained(model_dir, vanilla=True).eval()
     if skip_kv_cache is not None and skip_kv_cache != model.skip_vision_config.skip_kv_cache:
         from dataclasses import replace
 
         model.skip_vision_config = replace(model.skip_vision_config, skip_kv_cache=skip_kv_cache)
     processor = load_processor(model_dir)
-    dataset = LlavaJsonDataset(data, image_folder, processor)
+    dataset = LlavaJsonDataset(data, image_folder, processor, allow_outside_image_folder=allow_outside_image_folder)
     records = dataset.records[:limit] if limit else dataset.records
     collate = LlavaCollator(processor.tokenizer.pad_token_id, padding_side="left")
     tokenizer = processor.tokenizer

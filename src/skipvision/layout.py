@@ -46,6 +46,16 @@ def check_image_spans(input_ids: torch.Tensor, image_token_id: int, counts: list
                 f"sample {b} ends inside an image: its {n} placeholder tokens do not cover whole images "
                 f"(per-image counts {counts[:8]})"
             )
+    # each image's placeholders must be one unbroken run: a break may only fall on an image boundary
+    flat = (input_ids == image_token_id).flatten().nonzero().squeeze(1)
+    breaks = ((flat[1:] - flat[:-1]) != 1).nonzero().squeeze(1) + 1
+    inside = [int(i) for i in breaks.tolist() if int(i) not in boundaries]
+    if inside:
+        image = int(torch.searchsorted(torch.tensor(sorted(boundaries)), inside[0], right=True)) - 1
+        raise ValueError(
+            f"image {image}'s placeholder tokens are split by other tokens; each image's placeholders must be one "
+            "unbroken run (as the processor writes them)"
+        )
 
 
 def skipped_token_mask(

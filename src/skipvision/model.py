@@ -57,10 +57,16 @@ class Family:
         """Tower passes the images of one batch take (one per image; anyres: base + tiles)."""
         return num_images
 
+    CLS_TOWERS: ClassVar[tuple[str, ...]] = ("clip_vision_model",)  # vision model_types that emit a CLS token
+
+    def tower_emits_cls(self, config: PretrainedConfig) -> bool:
+        return config.vision_config.model_type in self.CLS_TOWERS
+
     def tower_has_cls(self, config: PretrainedConfig) -> bool:
-        """The tower emits a CLS token that the selected features drop (CLIP, "default", one feature layer)."""
+        """The tower emits a CLS token that the selected features drop ("default", one feature layer): what
+        CLS-attention selection needs."""
         return (
-            config.vision_config.model_type == "clip_vision_model"
+            self.tower_emits_cls(config)
             and config.vision_feature_select_strategy == "default"
             and isinstance(config.vision_feature_layer, int)
         )
@@ -69,7 +75,7 @@ class Family:
         """Visual tokens one tower pass (one image or tile) yields after feature selection."""
         vision = config.vision_config
         tokens = (vision.image_size // vision.patch_size) ** 2
-        has_cls = vision.model_type == "clip_vision_model"
+        has_cls = self.tower_emits_cls(config)
         if config.vision_feature_select_strategy == "full" and has_cls:
             tokens += 1
         elif config.vision_feature_select_strategy == "default" and not has_cls:
@@ -143,6 +149,8 @@ class SkipVisionMixin:
     """Skip-Vision on top of an HF ``*ForConditionalGeneration``; settings live in ``config.skip_vision``."""
 
     skip_vision_family: ClassVar[Family]
+    #: check that pixel_values are finite before the tower runs (one reduction; set False in a hot loop)
+    check_finite_pixels: bool = True
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(config)
@@ -221,11 +229,17 @@ class SkipVisionMixin:
     # --- vision side ----------------------------------------------------------------------------------------
     def image_sequences(self, pixel_values: torch.Tensor, **image_inputs: Any) -> list[ImageSequence]:
         """Each image's placeholder embeddings ``[R, sigma_R, S, sigma_S]`` and its skipped flags."""
-        family = self.skip_vision_family
-        family.check_image_inputs(self.config, pixel_values, image_inputs)
+        self._check_image_inputs(pixel_values, image_inputs)
+        return self._image_sequences(pixel_values, image_inputs)
+
+    def _check_image_inputs(self, pixel_values: Any, image_inputs: dict[str, Any]) -> None:
+        check_pixel_values(pixel_values, self.check_finite_pixels)
+        self.skip_vision_family.check_image_inputs(self.config, pixel_values, image_inputs)
+
+    def _image_sequences(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[ImageSequence]:
         cfg = self.skip_vision_config
         dtype = self.get_input_embeddings().weight.dtype
-        images = family.image_tokens(self, pixel_values, image_inputs, cfg)
+        images = self.skip_vision_family.image_tokens(self, pixel_values, image_inputs, cfg)
         for image in images:
             image.tokens = image.tokens.to(dtype)
         return assemble(images, cfg, self.summary_scorer)
@@ -248,8 +262,13 @@ class SkipVisionMixin:
         placeholders, and the ``(batch, seq)`` boolean mask of skipped tokens."""
         cfg = self.skip_vision_config
         family = self.skip_vision_family
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (batch, sequence) tensor; got {shape} (add a batch dimension)")
         image_token_id = family.image_token_id(self.config)
         is_image = input_ids == image_token_id
+        if pixel_values is not None:
+            self._check_image_inputs(pixel_values, image_inputs)
         provided = family.num_images(pixel_values, image_inputs)
         fixed = self.skip_vision_facts().fixed_visual_tokens
         if fixed is not None and not cfg.native:  # fixed count: check before running the tower
@@ -267,7 +286,7 @@ class SkipVisionMixin:
         inputs_embeds = self.get_input_embeddings()(input_ids)
         skipped = torch.zeros_like(is_image)
         if provided:
-            sequences = self.image_sequences(pixel_values, **image_inputs)
+            sequences = self._image_sequences(pixel_values, image_inputs)
             check_image_spans(input_ids, image_token_id, [s.embeds.shape[0] for s in sequences])
             image_embeds = torch.cat([s.embeds for s in sequences]).to(inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds)
@@ -335,6 +354,22 @@ class SkipVisionMixin:
         if has_skipped and cfg.skip_kv_cache and not self.training and isinstance(cache, Cache):
             prune_skipped_kv(cache, skipped)
         return outputs
+
+
+def check_pixel_values(pixel_values: Any, check_finite: bool = True) -> None:
+    """Raise ``ValueError`` unless ``pixel_values`` is a floating tensor of normalised, finite values."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(
+            f"pixel_values must be a torch.Tensor (the processor's return_tensors='pt' output); got "
+            f"{type(pixel_values).__name__}"
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values have dtype {pixel_values.dtype}; the model needs the processor's normalised floating "
+            "point output, not raw image bytes"
+        )
+    if check_finite and not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError("pixel_values contain NaN or inf")
 
 
 def _forward_with_signature_of(hf_class: type) -> Any:

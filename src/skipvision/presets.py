@@ -90,11 +90,11 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
     "small": ModelPreset(
         "llava", 336, 14, 128, 4, 512, 1408, 8, 8, 8, SkipVisionConfig(num_retained=100, num_skipped=156)
     ),
-    # SV-LLaVA-HD in miniature: a 112 px base (64 tokens) + up to 8 tiles; R = the base, tiles merged to 64
-    # (the paper's N_r = N_s = the thumbnail's tokens); scenes at 224 px give 2x2 tiles
+    # SV-LLaVA-HD in miniature: a 168 px base (144 tokens, as "tiny") + up to 8 tiles; R = the base, tiles merged
+    # to 144 (the paper's N_r = N_s = the thumbnail's tokens); scenes at 336 px give 2x2 tiles
     "tiny-next": ModelPreset(
-        "llava-next", 112, 14, 64, 2, 256, 688, 4, 8, 4,
-        SkipVisionConfig(num_retained=64, num_skipped=64), grid=ANYRES_GRID, data_image_size=224,
+        "llava-next", 168, 14, 64, 2, 256, 688, 4, 8, 4,
+        SkipVisionConfig(num_retained=144, num_skipped=144), grid=ANYRES_GRID, data_image_size=336,
     ),
     # LLaVA-OneVision in miniature: SigLIP (no CLS), Qwen2; R = the base, tiles merged to 64
     "tiny-onevision": ModelPreset(

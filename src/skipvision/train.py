@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import rotate_checkpoints
 
 from .api import family_of, from_pretrained, load_processor, save_processor
 from .config import SkipVisionConfig, vanilla_config
-from .data import LlavaCollator, LlavaJsonDataset
+from .data import LlavaCollator, LlavaJsonDataset, load_records
 
 
 @dataclass
@@ -48,8 +48,63 @@ class TrainConfig:
     max_length: int = 1024
     freeze_vision_tower: bool = True
     resume: bool = False
+    overwrite: bool = False  # replace whatever output_dir holds
     skip_bad_records: bool = False
+    allow_outside_image_folder: bool = False
     extra_args: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments (fsdp, deepspeed, ...)
+
+
+RUN_MANIFEST = "skipvision_run.json"
+
+
+def _is_main_process() -> bool:
+    # before the process group exists; torchrun / accelerate set RANK
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    path = out / RUN_MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    tmp = out / f".{RUN_MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / RUN_MANIFEST)
+
+
+def prepare_output_dir(cfg: TrainConfig) -> tuple[str | None, bool]:
+    """Check ``output_dir`` before anything runs; returns ``(checkpoint to resume from, run already finished)``.
+
+    A run owns its folder through a manifest listing the checkpoints it wrote. A non-empty folder without one, or
+    another run's folder, is refused unless ``overwrite``; ``resume`` only considers this run's checkpoints.
+    """
+    out = Path(cfg.output_dir)
+    manifest = _read_manifest(out)
+    occupied = out.is_dir() and any(out.iterdir())
+    if cfg.resume:
+        if manifest is None:
+            raise ValueError(f"nothing to resume: {out} holds no skipvision run")
+        if manifest.get("finished"):
+            return None, True
+        names = [n for n in manifest.get("checkpoints", []) if (out / n / "config.json").is_file()]
+        if not names:
+            raise ValueError(
+                f"nothing to resume: the run in {out} saved no checkpoint yet; start over with --overwrite"
+            )
+        return str(out / max(names, key=lambda n: int(n.rsplit("-", 1)[1]))), False
+    if not _is_main_process():  # rank 0 checks and prepares the folder (the others may see its new manifest)
+        return None, False
+    if occupied and not cfg.overwrite:
+        what = "already holds a skipvision run; pass --resume to continue it" if manifest else "is not empty"
+        raise ValueError(f"output folder {out} {what}, or --overwrite to replace its contents")
+    if occupied:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_manifest(out, {"model": cfg.model, "data": cfg.data, "max_steps": cfg.max_steps,
+                          "skip_vision": cfg.skip_vision.to_dict() if cfg.skip_vision else None,
+                          "checkpoints": [], "finished": False})
+    return None, False
 
 
 class StepTimer(TrainerCallback):
@@ -126,6 +181,9 @@ class SkipVisionTrainer(Trainer):
                 shutil.rmtree(target)
             os.replace(os.path.join(final_root, ".staging", name), target)
             os.rmdir(os.path.join(final_root, ".staging"))
+            manifest = _read_manifest(Path(final_root)) or {"checkpoints": []}
+            manifest["checkpoints"] = sorted(set(manifest["checkpoints"]) | {name})
+            _write_manifest(Path(final_root), manifest)
             rotate_checkpoints(final_root, self.args.save_total_limit, self.state.best_model_checkpoint)
         if self.args.world_size > 1:
             torch.distributed.barrier()
@@ -154,13 +212,25 @@ def save_atomically(model, processor, out: Path) -> None:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train and save ``<output_dir>/final``; returns timings, losses and the final checkpoint path."""
+    """Train and save ``<output_dir>/final``; returns timings, losses and the final checkpoint path.
+
+    Resuming a finished run changes nothing and returns its saved summary.
+    """
+    if cfg.max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {cfg.max_steps}")
+    load_records(cfg.data)  # a missing or empty data file fails before the output folder is touched
+    resume_from, finished = prepare_output_dir(cfg)
+    if finished:
+        summary_file = Path(cfg.output_dir) / "train_summary.json"
+        print(f"the run in {cfg.output_dir} already finished; nothing to do")
+        return {**json.loads(summary_file.read_text()), "already_finished": True}
     set_seed(cfg.seed)  # before loading: new parameters (the summary scorer) are initialised at load time
     model, processor = load_for_training(cfg.model, cfg.skip_vision)
     if cfg.freeze_vision_tower:
         family_of(model).vision_tower(model).requires_grad_(False)
     dataset = LlavaJsonDataset(
-        cfg.data, cfg.image_folder, processor, max_length=cfg.max_length, skip_bad_records=cfg.skip_bad_records
+        cfg.data, cfg.image_folder, processor, max_length=cfg.max_length, skip_bad_records=cfg.skip_bad_records,
+        allow_outside_image_folder=cfg.allow_outside_image_folder,
     )
     args = TrainingArguments(
         output_dir=cfg.output_dir,
@@ -192,7 +262,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         callbacks=[timer],
     )
     trainer.skip_vision_processor = processor
-    resume_from = get_last_checkpoint(cfg.output_dir) if cfg.resume and os.path.isdir(cfg.output_dir) else None
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
@@ -224,4 +293,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     }
     if args.should_save:
         (Path(cfg.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        manifest = _read_manifest(Path(cfg.output_dir)) or {}
+        _write_manifest(Path(cfg.output_dir), {**manifest, "finished": True, "steps": trainer.state.global_step})
     return summary

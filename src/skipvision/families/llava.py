@@ -70,7 +70,7 @@ class LlavaFamily(Family):
         from ..flops import ModelShape, text_shape, vision_shape
 
         return ModelShape(
-            text_shape(config), vision_shape(config, cls=config.vision_config.model_type == "clip_vision_model"),
+            text_shape(config), vision_shape(config, cls=self.tower_emits_cls(config)),
             visual_tokens=self.tokens_per_tower_pass(config),
         )
 
