@@ -58,14 +58,18 @@ def test_text_only_multi_turn_truncation_and_collate(tmp_path, processor):
         {"id": "t2", "image": "b.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
                                                          {"from": "gpt", "value": "red " * 50}]},
     ]
-    ds = LlavaJsonDataset(write(tmp_path, records, ["b.png"]), None, processor, max_length=100)
+    with pytest.warns(UserWarning, match="1 record\\(s\\) are longer than max_length=100 and will be cut.*t2"):
+        ds = LlavaJsonDataset(write(tmp_path, records, ["b.png"]), None, processor, max_length=100)
     assert "pixel_values" not in ds[0]
     assert len(ds[1]["input_ids"]) == 100  # truncated after the image, inside the answer
     batch = LlavaCollator(processor.tokenizer.pad_token_id)([ds[0], ds[1]])
     assert batch["input_ids"].shape == (2, 100) and batch["pixel_values"].shape == (1, 3, 168, 168)
     assert batch["attention_mask"][0].sum() == len(ds[0]["input_ids"])
-    with pytest.raises(RecordError, match="record t2: max_length=20 would cut an image"):
-        LlavaJsonDataset(ds.image_folder.parent / "data.json", None, processor, max_length=20)[1]
+    with pytest.raises(DataError, match="record t2: its answer does not fit in max_length=20"):  # found up front
+        LlavaJsonDataset(ds.image_folder.parent / "data.json", None, processor, max_length=20)
+    with pytest.raises(RecordError, match="record t2: max_length=20 would cut an image"):  # and at encoding
+        ds.max_length = 20
+        ds[1]
 
 
 def test_bad_records_name_their_id(tmp_path, processor):

@@ -112,3 +112,16 @@ def test_decode_context_and_kv_bytes():
     assert rep["kv_cache_entries_after_prefill"] == rep["attention_length"] - 156
     assert F.kv_cache_bytes(p.shape, 1) == 2 * 32 * 8 * 128 * 2
     assert torch.tensor(0).item() == 0
+
+
+def test_anyres_presets_scale_with_tiles():
+    """Vanilla's language-model cost grows with every tile; Skip-Vision's stays at N_r + 2 full + N_s skipped."""
+    p = F.PRESETS["llava-next-llama3-8b"]
+    results = [F.compare(p.shape_for(t), p.skip_vision, text_tokens=16) for t in (1, 2, 4, 8)]
+    assert len({r["skip_vision_flops"] for r in results}) == 1
+    assert [r["ratio"] for r in results] == sorted((r["ratio"] for r in results), reverse=True)
+    shape = p.shape_for(4)  # 2x2 grid of 24x24-token tiles: 48 newline rows in the vanilla model
+    assert shape.native_tokens == 576 * 5 + 48 and shape.eligible == 576 and shape.towers_per_image == 5
+    assert F.PRESETS["llava-hd-llama3-8b"].shape_for(4).native_tokens == 576 * 5
+    with pytest.raises(ValueError, match="no tiles"):
+        F.PRESETS["llava-llama3-8b"].shape_for(2)

@@ -141,9 +141,8 @@ def test_huge_images_and_lost_answers_are_reported(tmp_path, processor):
     with pytest.raises(DataError, match="big.*40x30, more than max_image_pixels=100"):
         LlavaJsonDataset(path, None, processor, max_image_pixels=100)
     path = write(tmp_path, [record("long", "a.png", question="<image>\n" + "what " * 60)], ["a.png"])
-    dataset = LlavaJsonDataset(path, None, processor, max_length=110)
-    with pytest.raises(ValueError, match="long: its answer does not fit in max_length=110"):
-        dataset[0]
+    with pytest.raises(DataError, match="long: its answer does not fit in max_length=110"):  # found up front
+        LlavaJsonDataset(path, None, processor, max_length=110)
 
 
 def test_bad_json_files_name_the_file(tmp_path, processor):

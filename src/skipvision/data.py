@@ -209,12 +209,21 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
     def _check_records(self) -> None:
         problems: list[str] = []
         good = []
+        self._placeholder_counts: dict[tuple[int, int], int] = {}
+        self._cut: list[str] = []
         for record in self.records:
             try:
                 self.check(record)
                 good.append(record)
             except RecordError as error:
                 problems.append(str(error))
+        if self._cut:
+            warnings.warn(
+                f"{self.json_path}: {len(self._cut)} record(s) are longer than max_length={self.max_length} and will "
+                f"be cut (their answers keep at least one token): {', '.join(self._cut[:5])}"
+                + (" ..." if len(self._cut) > 5 else ""),
+                stacklevel=3,
+            )
         if not problems:
             return
         listing = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
@@ -227,13 +236,14 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
 
     def check(self, record: Any) -> None:
         """Raise :class:`RecordError` if ``record`` is malformed or its images are missing, outside the image folder
-        or too large (reads image headers only)."""
-        self.messages(record)
+        or too large (reads image headers only), or if its first answer starts beyond ``max_length``."""
+        messages = self.messages(record)
         rid = record.get("id", "<no id>")
         paths = self.image_paths(record)
         markers = sum(turn["value"].count("<image>") for turn in record["conversations"])
         if markers != len(paths):
             raise RecordError(f"record {rid}: {markers} <image> marker(s) but {len(paths)} image(s)")
+        sizes = []
         for path in paths:
             try:
                 with Image.open(path) as image:
@@ -245,6 +255,33 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
                     f"record {rid}: image {path} is {width}x{height}, more than max_image_pixels="
                     f"{self.max_image_pixels}; downscale it or raise the limit"
                 )
+            sizes.append((width, height))
+        self._check_length(rid, messages, sizes)
+
+    def _check_length(self, rid: str, messages: list[dict[str, str]], sizes: list[tuple[int, int]]) -> None:
+        """Token length with each image expanded to its placeholders (from its size, no decoding)."""
+        encoded = self.processor.tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        counts = iter([self._placeholders_for_size(size) for size in sizes])
+        position, first_answer = 0, None
+        for token, is_answer in zip(encoded["input_ids"], encoded["assistant_masks"]):
+            if is_answer and first_answer is None:
+                first_answer = position
+            position += next(counts) if token == self.image_token_id else 1
+        if first_answer is not None and first_answer >= self.max_length:
+            raise RecordError(
+                f"record {rid}: its answer does not fit in max_length={self.max_length} (it starts at token "
+                f"{first_answer} of {position}); raise --max-length"
+            )
+        if position > self.max_length:
+            self._cut.append(rid)
+
+    def _placeholders_for_size(self, size: tuple[int, int]) -> int:
+        if size not in self._placeholder_counts:
+            probe = self.processor.image_processor(images=[Image.new("RGB", size)], return_tensors="pt")
+            self._placeholder_counts[size] = self.image_placeholders(probe, 0)
+        return self._placeholder_counts[size]
 
     def image_paths(self, record: dict[str, Any]) -> list[Path]:
         """The record's image files, confined to the image folder unless ``allow_outside_image_folder``."""
