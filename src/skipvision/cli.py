@@ -200,6 +200,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
     demo(out=args.out, preset=args.preset, steps=args.steps, seed=args.seed, num_examples=args.n)
 
 
+def _add_data_args(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--data", required=True, help="LLaVA-format JSON file")
+    p.add_argument("--image-folder", help="folder of the records' image paths (default: <data dir>/images)")
+    p.add_argument("--allow-outside-image-folder", action="store_true",
+                   help="let records read images outside the image folder (absolute paths, ../)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .flops import DEFAULT_TEXT_TOKENS
@@ -227,11 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_data)
 
     p = add("train", help="fine-tune a checkpoint with (or without) Skip-Vision on HF Trainer")
-    p.add_argument("--model", required=True, help="checkpoint directory (vanilla or Skip-Vision) with its processor")
-    p.add_argument("--data", required=True, help="LLaVA-format JSON file")
-    p.add_argument("--image-folder", help="folder of the records' image paths (default: <data dir>/images)")
-    p.add_argument("--allow-outside-image-folder", action="store_true",
-                   help="let records read images outside the image folder (absolute paths, ../)")
+    _add_data_args(p, "checkpoint directory (vanilla or Skip-Vision) with its processor")
     p.add_argument("--out", required=True, help="output folder of the run (checkpoints, final/, summary)")
     p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
     p.add_argument("--resume", action="store_true", help="continue this run from its last checkpoint in --out")
@@ -251,11 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = add("eval", help="exact-match accuracy with generate (a vanilla checkpoint is the baseline)")
-    p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--data", required=True, help="LLaVA-format JSON file")
-    p.add_argument("--image-folder", help="folder of the records' image paths (default: <data dir>/images)")
-    p.add_argument("--allow-outside-image-folder", action="store_true",
-                   help="let records read images outside the image folder (absolute paths, ../)")
+    _add_data_args(p, "checkpoint directory (a vanilla one is evaluated as the baseline)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     p.add_argument("--limit", type=int, help="evaluate only the first N records (N >= 1)")
     p.add_argument("--no-skip-kv-cache", action="store_true", help="decode with the full cache (w/o SK ablation)")

@@ -180,18 +180,17 @@ def build_model(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast, seed: i
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    # CLIP + Llama, features from layer -2 without CLS: LLaVA-1.5's and LLaVA-NeXT's recipe
+    clip_llama = dict(
+        vision_config=CLIPVisionConfig(**vision_args), text_config=LlamaConfig(**text_args),
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )
     if preset.family == "llava":
-        config = LlavaConfig(
-            vision_config=CLIPVisionConfig(**vision_args), text_config=LlamaConfig(**text_args),
-            image_token_id=image_token_id, vision_feature_select_strategy="default", vision_feature_layer=-2,
-            image_seq_length=preset.visual_tokens,
-        )
+        config = LlavaConfig(image_token_id=image_token_id, image_seq_length=preset.visual_tokens, **clip_llama)
         model_class = LlavaForConditionalGeneration
     elif preset.family == "llava-next":
         config = LlavaNextConfig(
-            vision_config=CLIPVisionConfig(**vision_args), text_config=LlamaConfig(**text_args),
-            image_token_index=image_token_id, vision_feature_select_strategy="default", vision_feature_layer=-2,
-            image_grid_pinpoints=preset.pinpoints,
+            image_token_index=image_token_id, image_grid_pinpoints=preset.pinpoints, **clip_llama
         )
         model_class = LlavaNextForConditionalGeneration
     elif preset.family == "llava-onevision":
