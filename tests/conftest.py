@@ -19,16 +19,30 @@ IMAGE_SIZE, PATCH = 32, 4  # 64 visual tokens per image
 
 def llava_config(num_layers: int = 3, attn: str = "sdpa") -> LlavaConfig:
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=IMAGE_SIZE, patch_size=PATCH,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
     )
     text = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
-        vision_feature_select_strategy="default", vision_feature_layer=-2,
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
     )
     config._attn_implementation = attn
     return config
@@ -57,7 +71,11 @@ def pair(cfg: SkipVisionConfig, seed: int = 0, dtype: torch.dtype = torch.float3
 
 
 def prompts(
-    images_per_sample: list[int], cfg: SkipVisionConfig | int, prefix: list[int], suffix: list[int], seed: int = 0,
+    images_per_sample: list[int],
+    cfg: SkipVisionConfig | int,
+    prefix: list[int],
+    suffix: list[int],
+    seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ):
     """Left-padded batch: sample b = BOS + prefix[b] text + images_per_sample[b] image spans + suffix[b] text."""
@@ -74,8 +92,8 @@ def prompts(
     input_ids = torch.full((len(rows), length), PAD_ID)
     attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
     for b, ids in enumerate(rows):
-        input_ids[b, length - len(ids):] = torch.tensor(ids)
-        attention_mask[b, length - len(ids):] = 1
+        input_ids[b, length - len(ids) :] = torch.tensor(ids)
+        attention_mask[b, length - len(ids) :] = 1
     n_images = sum(images_per_sample)
     pixel_values = torch.randn(n_images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(dtype) if n_images else None
     return input_ids, attention_mask, pixel_values

@@ -16,18 +16,35 @@ from skipvision import SkipVisionConfig
 from skipvision.presets import MODEL_PRESETS, build_model, build_processor, build_tokenizer, tokenizer_corpus
 
 # tiny geometry: 56 px tower input / 14 px patches = 16 tokens per pass; anyres grids of 1, 2, 4, 8 tiles
-TEST_SIZES = dict(image_size=56, patch_size=14, vision_hidden=32, vision_layers=2, text_hidden=64,
-                  text_intermediate=160, text_layers=3, text_heads=4, text_kv_heads=2)
+TEST_SIZES = dict(
+    image_size=56,
+    patch_size=14,
+    vision_hidden=32,
+    vision_layers=2,
+    text_hidden=64,
+    text_intermediate=160,
+    text_layers=3,
+    text_heads=4,
+    text_kv_heads=2,
+)
 
 FAMILIES = {
     # name: (preset, Skip-Vision config, image sizes (W, H) of the batch)
-    "llava": (replace(MODEL_PRESETS["tiny"], **TEST_SIZES),
-              SkipVisionConfig(num_retained=5, num_skipped=6), [(56, 56), (80, 40), (60, 60)]),
-    "llava-next": (replace(MODEL_PRESETS["tiny-next"], **TEST_SIZES),
-                   SkipVisionConfig(num_retained=10, num_skipped=20), [(112, 112), (100, 60), (56, 50)]),
-    "llava-onevision": (replace(MODEL_PRESETS["tiny-onevision"], **TEST_SIZES),
-                        SkipVisionConfig(num_retained=16, num_skipped=20, selection="position"),
-                        [(112, 112), (100, 60), (56, 50)]),
+    "llava": (
+        replace(MODEL_PRESETS["tiny"], **TEST_SIZES),
+        SkipVisionConfig(num_retained=5, num_skipped=6),
+        [(56, 56), (80, 40), (60, 60)],
+    ),
+    "llava-next": (
+        replace(MODEL_PRESETS["tiny-next"], **TEST_SIZES),
+        SkipVisionConfig(num_retained=10, num_skipped=20),
+        [(112, 112), (100, 60), (56, 50)],
+    ),
+    "llava-onevision": (
+        replace(MODEL_PRESETS["tiny-onevision"], **TEST_SIZES),
+        SkipVisionConfig(num_retained=16, num_skipped=20, selection="position"),
+        [(112, 112), (100, 60), (56, 50)],
+    ),
 }
 
 
@@ -71,8 +88,14 @@ def images(sizes: list[tuple[int, int]], seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
 
 
-def batch(family: str, cfg: SkipVisionConfig | None, samples: list[tuple[int, str]], model_config=None,
-          dtype: torch.dtype = torch.float32, seed: int = 0):
+def batch(
+    family: str,
+    cfg: SkipVisionConfig | None,
+    samples: list[tuple[int, str]],
+    model_config=None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
     """Left-padded batch; sample = (number of images, text). Images take the family's sizes in turn."""
     proc = processor(family, cfg, model_config)
     sizes = FAMILIES[family][2]

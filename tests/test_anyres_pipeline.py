@@ -19,9 +19,18 @@ def test_init_train_reload_and_eval(tmp_path, preset):
     base = init_model(preset, tmp_path / "base")
     assert skipvision.checkpoint_skip_vision(base) is None  # init-model writes a vanilla checkpoint
     vanilla_processor = skipvision.load_processor(base)
-    summary = train(TrainConfig(model=str(base), data=str(train_json), output_dir=str(tmp_path / "run"),
-                                skip_vision=spec.skip_vision, max_steps=2, batch_size=2, save_steps=2,
-                                logging_steps=1))
+    summary = train(
+        TrainConfig(
+            model=str(base),
+            data=str(train_json),
+            output_dir=str(tmp_path / "run"),
+            skip_vision=spec.skip_vision,
+            max_steps=2,
+            batch_size=2,
+            save_steps=2,
+            logging_steps=1,
+        )
+    )
     assert summary["steps"] == 2 and all(loss > 0 for loss in summary["losses"])
     final = summary["final"]
     model = skipvision.from_pretrained(final).eval()
@@ -34,7 +43,8 @@ def test_init_train_reload_and_eval(tmp_path, preset):
     image_id = model.config.image_token_id
     with torch.no_grad():
         _, skipped = model.embed_multimodal(
-            batch["input_ids"], batch["pixel_values"],
+            batch["input_ids"],
+            batch["pixel_values"],
             **{k: batch[k] for k in skipvision.family_of(model).image_input_names if k in batch},
         )
         model(**{k: v for k, v in batch.items() if k != "labels"})

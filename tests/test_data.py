@@ -34,9 +34,16 @@ def write(tmp_path, records, images=()):
 
 
 def test_labels_supervise_only_assistant_answers(tmp_path, processor):
-    record = {"id": "r1", "image": "a.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat color is the shape?"}, {"from": "gpt", "value": "red"},
-        {"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "two"}]}
+    record = {
+        "id": "r1",
+        "image": "a.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is the shape?"},
+            {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "How many shapes are there?"},
+            {"from": "gpt", "value": "two"},
+        ],
+    }
     ds = LlavaJsonDataset(write(tmp_path, [record], ["a.png"]), None, processor)
     item = ds[0]
     tok = processor.tokenizer
@@ -53,10 +60,15 @@ def test_labels_supervise_only_assistant_answers(tmp_path, processor):
 
 def test_text_only_multi_turn_truncation_and_collate(tmp_path, processor):
     records = [
-        {"id": "t1", "conversations": [{"from": "human", "value": "What is two plus one?"},
-                                       {"from": "gpt", "value": "three"}]},
-        {"id": "t2", "image": "b.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
-                                                         {"from": "gpt", "value": "red " * 50}]},
+        {
+            "id": "t1",
+            "conversations": [{"from": "human", "value": "What is two plus one?"}, {"from": "gpt", "value": "three"}],
+        },
+        {
+            "id": "t2",
+            "image": "b.png",
+            "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red " * 50}],
+        },
     ]
     with pytest.warns(UserWarning, match="1 record\\(s\\) are longer than max_length=100 and will be cut.*t2"):
         ds = LlavaJsonDataset(write(tmp_path, records, ["b.png"]), None, processor, max_length=100)
@@ -74,20 +86,33 @@ def test_text_only_multi_turn_truncation_and_collate(tmp_path, processor):
 
 def test_bad_records_name_their_id(tmp_path, processor):
     records = [
-        {"id": "missing-image", "image": "nope.png", "conversations": [
-            {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]},
-        {"id": "corrupt-image", "image": "bad.png", "conversations": [
-            {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]},
+        {
+            "id": "missing-image",
+            "image": "nope.png",
+            "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}],
+        },
+        {
+            "id": "corrupt-image",
+            "image": "bad.png",
+            "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}],
+        },
         {"id": "odd-turns", "conversations": [{"from": "human", "value": "Q?"}]},
         {"id": "wrong-role", "conversations": [{"from": "gpt", "value": "Q?"}, {"from": "human", "value": "A"}]},
-        {"id": "marker-mismatch", "conversations": [{"from": "human", "value": "<image>\nQ?"},
-                                                    {"from": "gpt", "value": "A"}]},
+        {
+            "id": "marker-mismatch",
+            "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}],
+        },
         {"id": "fine", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A"}]},
     ]
     path = write(tmp_path, records)
     (tmp_path / "images" / "bad.png").write_bytes(b"not a png at all")
-    messages = ["record missing-image: cannot read image", "record corrupt-image: cannot read image",
-                "record odd-turns: 'conversations'", "record wrong-role: turn 0", "record marker-mismatch: 1 <image>"]
+    messages = [
+        "record missing-image: cannot read image",
+        "record corrupt-image: cannot read image",
+        "record odd-turns: 'conversations'",
+        "record wrong-role: turn 0",
+        "record marker-mismatch: 1 <image>",
+    ]
     with pytest.raises(DataError, match="5 bad record") as error:  # the whole file is checked up front
         LlavaJsonDataset(path, None, processor)
     for message in messages:

@@ -8,8 +8,15 @@ import pytest
 
 from skipvision.demo import demo
 
-FIELDS = ("accuracy", "train_seconds", "train_step_seconds", "train_flops", "prefill_seconds",
-          "decode_seconds_per_token", "kv_cache_bytes")
+FIELDS = (
+    "accuracy",
+    "train_seconds",
+    "train_step_seconds",
+    "train_flops",
+    "prefill_seconds",
+    "decode_seconds_per_token",
+    "kv_cache_bytes",
+)
 
 
 @pytest.mark.slow

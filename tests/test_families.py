@@ -118,8 +118,12 @@ def test_generate_equals_masked_full_forward(name, layout, skip_kv):
     inputs = _inputs(name, model, cfg, samples)
     image_id = model.config.image_token_id
     out = model.generate(
-        **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=[image_id, 2],
-        output_logits=True, return_dict_in_generate=True,
+        **inputs,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        suppress_tokens=[image_id, 2],
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     generated = torch.stack(out.logits, dim=1)
     images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
@@ -200,6 +204,7 @@ def test_bad_inputs_raise_clear_errors(name):
     vanilla = vanilla_model(name)
     facts = skipvision.vision_facts(vanilla.config)
     with pytest.raises(ValueError, match="num_retained .* larger"):
-        skipvision.convert(vanilla, SkipVisionConfig(num_retained=facts.eligible_tokens + 1, num_skipped=4,
-                                                     selection="position"))
+        skipvision.convert(
+            vanilla, SkipVisionConfig(num_retained=facts.eligible_tokens + 1, num_skipped=4, selection="position")
+        )
     assert type(vanilla) is skipvision.family_of(vanilla).hf_class  # a failed convert leaves the model as it was

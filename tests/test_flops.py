@@ -85,8 +85,11 @@ def test_training_step_flops_are_three_forwards():
 
 @pytest.mark.parametrize(
     ("preset", "overrides", "paper"),
-    [("llava-llama3-8b", {}, 0.25), ("llava-llama3-8b", {"num_retained": 256, "num_skipped": 320}, 0.60),
-     ("cos-llama3-8b", {}, 0.25)],
+    [
+        ("llava-llama3-8b", {}, 0.25),
+        ("llava-llama3-8b", {"num_retained": 256, "num_skipped": 320}, 0.60),
+        ("cos-llama3-8b", {}, 0.25),
+    ],
 )
 def test_presets_reproduce_the_paper_flops_column(preset, overrides, paper):
     p = F.PRESETS[preset]
@@ -99,7 +102,9 @@ def test_presets_reproduce_the_paper_flops_column(preset, overrides, paper):
 def test_flops_cli_json():
     out = subprocess.run(
         [sys.executable, "-m", "skipvision", "flops", "--preset", "cos-llama3-8b", "--json"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     data = json.loads(out)
     assert data["vanilla_flops"] > data["skip_vision_flops"] > 0

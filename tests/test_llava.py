@@ -16,8 +16,7 @@ def gated_reference(model, inputs_embeds, attention_mask, skipped, labels=None):
     """Plain HF forward (no Skip-FFN kwarg) with each layer's MLP output zeroed at skipped positions by hooks."""
     gate = (~skipped).to(inputs_embeds.dtype).unsqueeze(-1)
     hooks = [
-        layer.mlp.register_forward_hook(lambda _m, _i, out: out * gate)
-        for layer in model.model.language_model.layers
+        layer.mlp.register_forward_hook(lambda _m, _i, out: out * gate) for layer in model.model.language_model.layers
     ]
     try:
         return super(SkipVisionLlavaForConditionalGeneration, model).forward(
@@ -136,7 +135,9 @@ def test_perturbing_skipped_tokens_leaves_earlier_tokens_unchanged():
     for noise in (0.0, 1.0):
         perturbed = embeds + noise * skipped.unsqueeze(-1).to(embeds.dtype)
         out = super(SkipVisionLlavaForConditionalGeneration, model).forward(
-            inputs_embeds=perturbed, attention_mask=mask, output_hidden_states=True,
+            inputs_embeds=perturbed,
+            attention_mask=mask,
+            output_hidden_states=True,
             skip_vision_ffn_rows=skipvision.skip_ffn.ffn_rows(skipped),
         )
         states.append(out.hidden_states[-1][0])
@@ -155,8 +156,8 @@ def test_batch_and_padding_invariance():
     first_image = 0
     for b, n_img in enumerate(layout[0]):
         keep = mask[b].bool()
-        alone_pixels = pixels[first_image:first_image + n_img] if n_img else None
-        alone = model(input_ids=ids[b:b + 1, keep], pixel_values=alone_pixels).logits[0]
+        alone_pixels = pixels[first_image : first_image + n_img] if n_img else None
+        alone = model(input_ids=ids[b : b + 1, keep], pixel_values=alone_pixels).logits[0]
         assert (batched[b, keep] - alone).abs().max() <= 1e-5
         first_image += n_img
 

@@ -57,9 +57,18 @@ def write(folder, records, images=(), size=(40, 30)):
 
 # --- timing never divides by zero --------------------------------------------------------------------------------
 def test_demo_table_survives_an_unresolved_decode_time():
-    row = {"accuracy": 0.5, "train_seconds": 1.0, "train_step_seconds": 0.1, "train_flops": 1e9,
-           "train_flops_measured": 1e9, "prefill_flops": 1e8, "prefill_seconds": 0.01,
-           "decode_seconds_per_token": None, "generate_seconds": 0.1, "kv_cache_bytes": 1024}
+    row = {
+        "accuracy": 0.5,
+        "train_seconds": 1.0,
+        "train_step_seconds": 0.1,
+        "train_flops": 1e9,
+        "train_flops_measured": 1e9,
+        "prefill_flops": 1e8,
+        "prefill_seconds": 0.01,
+        "decode_seconds_per_token": None,
+        "generate_seconds": 0.1,
+        "kv_cache_bytes": 1024,
+    }
     table = format_table({"vanilla": dict(row), "skip_vision": dict(row), "chance_accuracy": 0.3})
     assert "decode per token" in table and " - " in table
 
@@ -67,8 +76,19 @@ def test_demo_table_survives_an_unresolved_decode_time():
 # --- output folders --------------------------------------------------------------------------------------------
 def run_config(tiny, out, **overrides):
     root, base, data, _ = tiny
-    return TrainConfig(**{"model": str(base), "data": str(data), "output_dir": str(out), "max_steps": 1,
-                          "batch_size": 2, "save_steps": 1, "logging_steps": 1, "skip_vision": SKIP, **overrides})
+    return TrainConfig(
+        **{
+            "model": str(base),
+            "data": str(data),
+            "output_dir": str(out),
+            "max_steps": 1,
+            "batch_size": 2,
+            "save_steps": 1,
+            "logging_steps": 1,
+            "skip_vision": SKIP,
+            **overrides,
+        }
+    )
 
 
 def test_a_foreign_non_empty_out_is_refused_and_kept(tiny, tmp_path):
@@ -193,8 +213,9 @@ def test_config_misuse_gets_clear_errors(tmp_path):
 # --- CLI -------------------------------------------------------------------------------------------------------
 def test_cli_errors_help_and_version(tiny, tmp_path):
     root, base, data, _ = tiny
-    missing = cli("train", "--model", str(base), "--data", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o"),
-                  "--vanilla")
+    missing = cli(
+        "train", "--model", str(base), "--data", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o"), "--vanilla"
+    )
     assert missing.returncode == 2 and "nope.json does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr and not (tmp_path / "o").exists()
     no_model = cli("eval", "--model", str(tmp_path / "nothing"), "--data", str(data))

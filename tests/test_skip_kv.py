@@ -31,7 +31,10 @@ def masked_full_forward(model, sequences, prompt_mask, pixel_values, prompt_leng
     allowed |= torch.eye(total, dtype=torch.bool)  # padding rows attend to themselves (their outputs are unused)
     positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     out = model(
-        input_ids=sequences, pixel_values=pixel_values, attention_mask=allowed[:, None], position_ids=positions,
+        input_ids=sequences,
+        pixel_values=pixel_values,
+        attention_mask=allowed[:, None],
+        position_ids=positions,
         use_cache=False,
     )
     return out.logits[:, prompt_length - 1 : total - 1]
@@ -44,8 +47,14 @@ def test_generate_equals_masked_full_forward(layout, skip_kv):
     _, model = pair(cfg)
     ids, mask, pixels = prompts(*LAYOUTS[layout][:1], cfg, *LAYOUTS[layout][1:])
     out = model.generate(
-        input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=NEW_TOKENS, do_sample=False,
-        suppress_tokens=[IMAGE_TOKEN_ID, EOS_ID], output_logits=True, return_dict_in_generate=True,
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=pixels,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        suppress_tokens=[IMAGE_TOKEN_ID, EOS_ID],
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     generated = torch.stack(out.logits, dim=1)
     reference = masked_full_forward(model, out.sequences, mask, pixels, ids.shape[1], skip_kv)
@@ -108,8 +117,9 @@ def test_first_generated_position_is_prompt_length():
     hook = model.model.language_model.register_forward_pre_hook(
         lambda _m, _a, kw: positions.append(kw["position_ids"].clone()), with_kwargs=True
     )
-    model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False,
-                   suppress_tokens=[IMAGE_TOKEN_ID, EOS_ID])
+    model.generate(
+        input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID, EOS_ID]
+    )
     hook.remove()
     length = ids.shape[1]
     assert positions[0][0].tolist() == list(range(length))
@@ -132,8 +142,16 @@ def test_sampling_generate_runs_and_prunes():
     _, model = pair(CFG)
     ids, mask, pixels = prompts([1, 1], CFG, [2, 5], [3, 1])
     torch.manual_seed(0)
-    out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, do_sample=True,
-                         top_k=10, suppress_tokens=[IMAGE_TOKEN_ID, EOS_ID], return_dict_in_generate=True)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=pixels,
+        max_new_tokens=4,
+        do_sample=True,
+        top_k=10,
+        suppress_tokens=[IMAGE_TOKEN_ID, EOS_ID],
+        return_dict_in_generate=True,
+    )
     assert out.sequences.shape == (2, ids.shape[1] + 4)
     assert out.past_key_values.get_seq_length() == ids.shape[1] - CFG.num_skipped + 3
 

@@ -27,8 +27,18 @@ def setup(tmp_path_factory):
 
 def config(setup, name, **overrides):
     root, base, data = setup
-    return TrainConfig(**{"model": str(base), "data": str(data), "output_dir": str(root / name), "max_steps": 2,
-                          "batch_size": 2, "save_steps": 1, "logging_steps": 1, **overrides})
+    return TrainConfig(
+        **{
+            "model": str(base),
+            "data": str(data),
+            "output_dir": str(root / name),
+            "max_steps": 2,
+            "batch_size": 2,
+            "save_steps": 1,
+            "logging_steps": 1,
+            **overrides,
+        }
+    )
 
 
 def logits_on_batch(model_dir, data):
@@ -79,10 +89,33 @@ def test_resume_after_a_crash_reproduces_the_loss_curve(setup):
 def test_torchrun_two_processes_stay_in_sync(setup):
     root, base, data = setup
     out = root / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "skipvision",
-           "train", "--model", str(base), "--data", str(data), "--out", str(out), "--max-steps", "2",
-           "--batch-size", "2", "--save-steps", "2", "--train-vision-tower",
-           "--num-retained", "36", "--num-skipped", "36"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "skipvision",
+        "train",
+        "--model",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--save-steps",
+        "2",
+        "--train-vision-tower",
+        "--num-retained",
+        "36",
+        "--num-skipped",
+        "36",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
@@ -94,6 +127,17 @@ def test_cli_rejects_unknown_options_and_bad_settings(setup):
     run = lambda *a: subprocess.run([sys.executable, "-m", "skipvision", *a], capture_output=True, text=True)  # noqa: E731
     bad = run("train", "--model", str(base), "--data", str(data), "--out", str(root / "x"), "--retain-ratio", "2")
     assert bad.returncode == 2 and "unrecognized arguments: --retain-ratio" in bad.stderr
-    too_many = run("train", "--model", str(base), "--data", str(data), "--out", str(root / "x"),
-                   "--num-retained", "100", "--num-skipped", "100")
+    too_many = run(
+        "train",
+        "--model",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(root / "x"),
+        "--num-retained",
+        "100",
+        "--num-skipped",
+        "100",
+    )
     assert too_many.returncode == 2 and "larger than the 144 visual tokens" in too_many.stderr

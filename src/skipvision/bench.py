@@ -81,7 +81,11 @@ def image_size_for_tiles(config: Any, tiles: int) -> tuple[int, int]:
 
 
 def make_inputs(
-    processor: ProcessorMixin, batch: int, text_tokens: int, image_size: tuple[int, int], device: str,
+    processor: ProcessorMixin,
+    batch: int,
+    text_tokens: int,
+    image_size: tuple[int, int],
+    device: str,
     dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
     """A batch of prompts (words, one image, words) expanded by ``processor``; random pixels; labels on text."""
@@ -110,8 +114,11 @@ def kv_cache_bytes(cache) -> int:
 def measure(model: PreTrainedModel, inputs: dict[str, torch.Tensor], settings: BenchSettings) -> dict[str, Any]:
     prompt = {k: v for k, v in inputs.items() if k != "labels"}
     text_config = model.config.get_text_config()
-    gen_kwargs = dict(do_sample=False, pad_token_id=text_config.pad_token_id or 0,
-                      suppress_tokens=[family_of(model).image_token_id(model.config)])
+    gen_kwargs = dict(
+        do_sample=False,
+        pad_token_id=text_config.pad_token_id or 0,
+        suppress_tokens=[family_of(model).image_token_id(model.config)],
+    )
     result: dict[str, Any] = {}
     model.eval()
     with torch.no_grad():
@@ -173,8 +180,15 @@ def decode_seconds_per_token(model: PreTrainedModel, prompt: dict[str, torch.Ten
     return seconds if seconds > 0 else None  # a clock that cannot resolve it gives None, never 0
 
 
-RATIO_KEYS = ("prefill_seconds", "decode_seconds_per_token", "generate_seconds", "train_step_seconds",
-              "kv_cache_bytes", "prefill_flops", "train_flops")
+RATIO_KEYS = (
+    "prefill_seconds",
+    "decode_seconds_per_token",
+    "generate_seconds",
+    "train_step_seconds",
+    "kv_cache_bytes",
+    "prefill_flops",
+    "train_flops",
+)
 
 
 def run(
@@ -192,14 +206,22 @@ def run(
                 for name, cfg in variants(skip).items():
                     model = convert(copy.deepcopy(base), cfg).to(settings.device, dtype)
                     variant_processor = configure_processor(copy.deepcopy(processor), cfg, base.config)
-                    inputs = make_inputs(variant_processor, batch, settings.text_tokens, image_size, settings.device,
-                                         dtype)
+                    inputs = make_inputs(
+                        variant_processor, batch, settings.text_tokens, image_size, settings.device, dtype
+                    )
                     analytic = F.batch_flops(model, inputs, train_tower=True)
-                    row = {"variant": name, "batch": batch, "dtype": dtype_name, "tiles": tiles,
-                           "image_size": list(image_size), "device": settings.device,
-                           "attention": model.config.get_text_config()._attn_implementation,
-                           "sequence_length": int(inputs["input_ids"].shape[1]),
-                           "prefill_flops": analytic["prefill"], "train_flops": analytic["train"]}
+                    row = {
+                        "variant": name,
+                        "batch": batch,
+                        "dtype": dtype_name,
+                        "tiles": tiles,
+                        "image_size": list(image_size),
+                        "device": settings.device,
+                        "attention": model.config.get_text_config()._attn_implementation,
+                        "sequence_length": int(inputs["input_ids"].shape[1]),
+                        "prefill_flops": analytic["prefill"],
+                        "train_flops": analytic["train"],
+                    }
                     row.update(measure(model, inputs, settings))
                     measured[name] = row
                     del model
@@ -219,22 +241,54 @@ def run(
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     tiled = any(r.get("tiles") for r in rows)
-    head = ("dtype", *(("tiles",) if tiled else ()), "B", "variant", "seq", "prefill ms", "x", "prefill flops x",
-            "decode ms/tok", "x", "generate ms", "x", "train ms", "x", "train flops x", "KV MiB", "x", "train TF/s")
+    head = (
+        "dtype",
+        *(("tiles",) if tiled else ()),
+        "B",
+        "variant",
+        "seq",
+        "prefill ms",
+        "x",
+        "prefill flops x",
+        "decode ms/tok",
+        "x",
+        "generate ms",
+        "x",
+        "train ms",
+        "x",
+        "train flops x",
+        "KV MiB",
+        "x",
+        "train TF/s",
+    )
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     ms = lambda v: f"{1e3 * v:.1f}" if v is not None else "-"  # noqa: E731
     rx = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
     for r in rows:
-        lines.append(" | ".join([
-            r["dtype"], *((str(r["tiles"]),) if tiled else ()), str(r["batch"]), r["variant"],
-            str(r["sequence_length"]),
-            ms(r["prefill_seconds"]), rx(r.get("prefill_seconds_ratio")), rx(r.get("prefill_flops_ratio")),
-            ms(r["decode_seconds_per_token"]), rx(r.get("decode_seconds_per_token_ratio")),
-            ms(r["generate_seconds"]), rx(r.get("generate_seconds_ratio")),
-            ms(r.get("train_step_seconds")), rx(r.get("train_step_seconds_ratio")), rx(r.get("train_flops_ratio")),
-            f"{r['kv_cache_bytes'] / 2**20:.2f}", rx(r.get("kv_cache_bytes_ratio")),
-            f"{r['train_tflops_per_second']:.3f}" if r.get("train_tflops_per_second") else "-",
-        ]))
+        lines.append(
+            " | ".join(
+                [
+                    r["dtype"],
+                    *((str(r["tiles"]),) if tiled else ()),
+                    str(r["batch"]),
+                    r["variant"],
+                    str(r["sequence_length"]),
+                    ms(r["prefill_seconds"]),
+                    rx(r.get("prefill_seconds_ratio")),
+                    rx(r.get("prefill_flops_ratio")),
+                    ms(r["decode_seconds_per_token"]),
+                    rx(r.get("decode_seconds_per_token_ratio")),
+                    ms(r["generate_seconds"]),
+                    rx(r.get("generate_seconds_ratio")),
+                    ms(r.get("train_step_seconds")),
+                    rx(r.get("train_step_seconds_ratio")),
+                    rx(r.get("train_flops_ratio")),
+                    f"{r['kv_cache_bytes'] / 2**20:.2f}",
+                    rx(r.get("kv_cache_bytes_ratio")),
+                    f"{r['train_tflops_per_second']:.3f}" if r.get("train_tflops_per_second") else "-",
+                ]
+            )
+        )
     return "\n".join("| " + line + " |" for line in lines)
 
 
@@ -252,8 +306,11 @@ def scaling_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for t in tiles[1:]:
             entry = {"dtype": dtype, "batch": batch, "from_tiles": first, "to_tiles": t}
             for key in ("prefill_flops", "prefill_seconds", "train_flops", "train_step_seconds"):
-                grow = {v: group[(v, t)].get(key, 0) - group[(v, first)].get(key, 0)
-                        for v in ("vanilla", "skip_vision") if group[(v, t)].get(key) is not None}
+                grow = {
+                    v: group[(v, t)].get(key, 0) - group[(v, first)].get(key, 0)
+                    for v in ("vanilla", "skip_vision")
+                    if group[(v, t)].get(key) is not None
+                }
                 if grow.get("vanilla"):
                     entry[f"{key}_growth_ratio"] = grow.get("skip_vision", float("nan")) / grow["vanilla"]
             out.append(entry)

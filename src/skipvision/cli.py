@@ -17,8 +17,12 @@ def _add_skip_vision_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vanilla", action="store_true", help="the vanilla model (every token retained, nothing skipped)")
     g.add_argument("--num-retained", type=int, help="N_r: visual tokens with full blocks (default: the checkpoint's)")
     g.add_argument("--num-skipped", type=int, help="N_s: skipped tokens after merging (default: the checkpoint's)")
-    g.add_argument("--selection", choices=list(SELECTIONS), default="cls_attention",
-                   help="how R is chosen among the eligible tokens")
+    g.add_argument(
+        "--selection",
+        choices=list(SELECTIONS),
+        default="cls_attention",
+        help="how R is chosen among the eligible tokens",
+    )
     g.add_argument("--merge", choices=MERGES, default="tome", help="how the skip candidates become N_s tokens")
     g.add_argument("--no-summary-tokens", action="store_true", help="leave out sigma_R and sigma_S")
     g.add_argument("--no-skip-kv-cache", action="store_true", help="keep S's keys/values for decoding")
@@ -67,15 +71,30 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train import TrainConfig, train
 
     skip = _skip_vision_from_args(args, _checkpoint_skip_vision(args.model))
-    summary = train(TrainConfig(
-        model=args.model, data=args.data, output_dir=args.out, skip_vision=skip, image_folder=args.image_folder,
-        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        learning_rate=args.lr, bf16=args.bf16, seed=args.seed, save_steps=args.save_steps,
-        logging_steps=args.logging_steps, max_length=args.max_length,
-        freeze_vision_tower=not args.train_vision_tower, resume=args.resume, overwrite=args.overwrite,
-        skip_bad_records=args.skip_bad_records, allow_outside_image_folder=args.allow_outside_image_folder,
-        extra_args=_training_args(args.training_args),
-    ))
+    summary = train(
+        TrainConfig(
+            model=args.model,
+            data=args.data,
+            output_dir=args.out,
+            skip_vision=skip,
+            image_folder=args.image_folder,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            learning_rate=args.lr,
+            bf16=args.bf16,
+            seed=args.seed,
+            save_steps=args.save_steps,
+            logging_steps=args.logging_steps,
+            max_length=args.max_length,
+            freeze_vision_tower=not args.train_vision_tower,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            skip_bad_records=args.skip_bad_records,
+            allow_outside_image_folder=args.allow_outside_image_folder,
+            extra_args=_training_args(args.training_args),
+        )
+    )
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
 
 
@@ -102,8 +121,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
 
     result = evaluate(
-        args.model, args.data, args.image_folder, batch_size=args.batch_size,
-        skip_kv_cache=False if args.no_skip_kv_cache else None, limit=args.limit,
+        args.model,
+        args.data,
+        args.image_folder,
+        batch_size=args.batch_size,
+        skip_kv_cache=False if args.no_skip_kv_cache else None,
+        limit=args.limit,
         allow_outside_image_folder=args.allow_outside_image_folder,
     )
     if args.out:
@@ -123,8 +146,11 @@ def cmd_flops(args: argparse.Namespace) -> None:
     shape = preset.shape_for(args.tiles)
     cfg = preset.skip_vision
     if args.num_retained is not None or args.num_skipped is not None:
-        cfg = replace(cfg, num_retained=args.num_retained if args.num_retained is not None else cfg.num_retained,
-                      num_skipped=args.num_skipped if args.num_skipped is not None else cfg.num_skipped)
+        cfg = replace(
+            cfg,
+            num_retained=args.num_retained if args.num_retained is not None else cfg.num_retained,
+            num_skipped=args.num_skipped if args.num_skipped is not None else cfg.num_skipped,
+        )
     fixed = None if preset.anyres_newlines is not None else shape.visual_tokens
     cfg.check_against(VisionFacts(shape.eligible, fixed, has_cls=True, num_layers=shape.text.layers))
     result = F.compare(shape, cfg, text_tokens=args.text_tokens, new_tokens=args.new_tokens)
@@ -134,11 +160,15 @@ def cmd_flops(args: argparse.Namespace) -> None:
         print(json.dumps(result, indent=1))
         return
     tiles = f", {shape.towers_per_image - 1} tiles" if preset.anyres_newlines is not None else ""
-    print(f"{args.preset}: N_r={cfg.num_retained} N_s={cfg.num_skipped}, V={shape.native_tokens}{tiles}, "
-          f"{args.text_tokens} text tokens")
-    print(f"  language-model prefill FLOPs  vanilla {result['vanilla_flops'] / 1e12:.3f} T   "
-          f"skip-vision {result['skip_vision_flops'] / 1e12:.3f} T   ratio {result['ratio']:.3f}"
-          + (f"   (paper: {paper:.2f})" if paper else ""))
+    print(
+        f"{args.preset}: N_r={cfg.num_retained} N_s={cfg.num_skipped}, V={shape.native_tokens}{tiles}, "
+        f"{args.text_tokens} text tokens"
+    )
+    print(
+        f"  language-model prefill FLOPs  vanilla {result['vanilla_flops'] / 1e12:.3f} T   "
+        f"skip-vision {result['skip_vision_flops'] / 1e12:.3f} T   ratio {result['ratio']:.3f}"
+        + (f"   (paper: {paper:.2f})" if paper else "")
+    )
     print(f"  training-step FLOPs ratio {result['train_ratio']:.3f}")
     if args.new_tokens:
         print(f"  prefill + {args.new_tokens} decode steps ratio {result['generate_ratio']:.3f}")
@@ -152,23 +182,32 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     base, processor, skip, source = _bench_model(args)
     settings = BenchSettings(
-        batch_sizes=tuple(args.batch_sizes), dtypes=tuple(args.dtypes), tiles=tuple(args.tiles),
-        new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, train=not args.no_train,
+        batch_sizes=tuple(args.batch_sizes),
+        dtypes=tuple(args.dtypes),
+        tiles=tuple(args.tiles),
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        train=not args.no_train,
         **({"device": args.device} if args.device else {}),
     )
     rows = run(base, processor, skip, settings)
-    print(f"# skipvision bench: {source}, N_r={skip.num_retained} N_s={skip.num_skipped}, device {settings.device}, "
-          f"{settings.new_tokens} new tokens, median of {settings.repeats} after {settings.warmup} warm-up")
+    print(
+        f"# skipvision bench: {source}, N_r={skip.num_retained} N_s={skip.num_skipped}, device {settings.device}, "
+        f"{settings.new_tokens} new tokens, median of {settings.repeats} after {settings.warmup} warm-up"
+    )
     print(format_table(rows))
     scaling = scaling_summary(rows)
     for entry in scaling:
         parts = [f"{k.removesuffix('_growth_ratio')} {v:.3f}" for k, v in entry.items() if k.endswith("_ratio")]
-        print(f"# {entry['dtype']} B={entry['batch']}: growth from {entry['from_tiles']} to {entry['to_tiles']} tiles, "
-              f"Skip-Vision / vanilla: " + ", ".join(parts))
+        print(
+            f"# {entry['dtype']} B={entry['batch']}: growth from {entry['from_tiles']} to {entry['to_tiles']} tiles, "
+            f"Skip-Vision / vanilla: " + ", ".join(parts)
+        )
     if args.out:
-        Path(args.out).write_text(json.dumps(
-            {"source": source, "skip_vision": skip.to_dict(), "rows": rows, "scaling": scaling}, indent=1
-        ))
+        Path(args.out).write_text(
+            json.dumps({"source": source, "skip_vision": skip.to_dict(), "rows": rows, "scaling": scaling}, indent=1)
+        )
 
 
 def _bench_model(args: argparse.Namespace):
@@ -204,8 +243,11 @@ def _add_data_args(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--data", required=True, help="LLaVA-format JSON file")
     p.add_argument("--image-folder", help="folder of the records' image paths (default: <data dir>/images)")
-    p.add_argument("--allow-outside-image-folder", action="store_true",
-                   help="let records read images outside the image folder (absolute paths, ../)")
+    p.add_argument(
+        "--allow-outside-image-folder",
+        action="store_true",
+        help="let records read images outside the image folder (absolute paths, ../)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,8 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-skipped", type=int, help="override N_s")
     p.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="prompt text tokens")
     p.add_argument("--new-tokens", type=int, default=0, help="also count this many decode steps")
-    p.add_argument("--tiles", type=int, choices=range(1, 9), metavar="1..8",
-                   help="tiles of the HD / LLaVA-NeXT presets (default 4)")
+    p.add_argument(
+        "--tiles",
+        type=int,
+        choices=range(1, 9),
+        metavar="1..8",
+        help="tiles of the HD / LLaVA-NeXT presets (default 4)",
+    )
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=cmd_flops)
 
@@ -278,8 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help="a checkpoint directory (its own weights)")
     src.add_argument("--preset", default="tiny", choices=presets, help="a model preset with random weights")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4], help="batch sizes to measure")
-    p.add_argument("--tiles", type=int, nargs="+", default=[0],
-                   help="anyres families: tile counts to measure (image sized to give them); 0 = no tiling")
+    p.add_argument(
+        "--tiles",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="anyres families: tile counts to measure (image sized to give them); 0 = no tiling",
+    )
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32"], help="dtypes to measure")
     p.add_argument("--new-tokens", type=int, default=16, help="decode steps per generate / decode timing")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (the median is reported)")

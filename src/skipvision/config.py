@@ -237,6 +237,10 @@ def num_image_tokens(config: SkipVisionConfig) -> int:
 def vanilla_config() -> SkipVisionConfig:
     """The config that is exactly the vanilla model: every token retained in the model's own layout."""
     return SkipVisionConfig(
-        num_retained=None, num_skipped=0, selection="position", merge="none", summary_tokens=False,
+        num_retained=None,
+        num_skipped=0,
+        selection="position",
+        merge="none",
+        summary_tokens=False,
         skip_kv_cache=False,
     )

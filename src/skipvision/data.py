@@ -16,24 +16,46 @@ from PIL import Image, ImageDraw
 IGNORE_INDEX = -100
 
 COLORS = {
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230),
-    "yellow": (235, 215, 40), "purple": (150, 60, 200), "white": (240, 240, 240),
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 90, 230),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 200),
+    "white": (240, 240, 240),
 }
 SHAPES = ("square", "circle", "triangle")
 CELLS = [
-    "top left", "top middle", "top right", "middle left", "center", "middle right",
-    "bottom left", "bottom middle", "bottom right",
+    "top left",
+    "top middle",
+    "top right",
+    "middle left",
+    "center",
+    "middle right",
+    "bottom left",
+    "bottom middle",
+    "bottom right",
 ]
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]
 TEXT_ONLY = [
-    ("What is the opposite of left?", "right"), ("What is the opposite of right?", "left"),
-    ("How many sides does a triangle have?", "three"), ("How many sides does a square have?", "four"),
-    ("What shape has no corners?", "circle"), ("What is two plus one?", "three"),
+    ("What is the opposite of left?", "right"),
+    ("What is the opposite of right?", "left"),
+    ("How many sides does a triangle have?", "three"),
+    ("How many sides does a square have?", "four"),
+    ("What shape has no corners?", "circle"),
+    ("What is two plus one?", "three"),
 ]
 SIDES = ("left", "center", "right")
 QUESTION_TYPES = (
-    "single_color", "single_shape", "single_side", "single_size",  # one shape: learnable in minutes
-    "color_at", "shape_at", "count", "count_color", "relative", "small_color",  # several shapes: harder
+    "single_color",
+    "single_shape",
+    "single_side",
+    "single_size",  # one shape: learnable in minutes
+    "color_at",
+    "shape_at",
+    "count",
+    "count_color",
+    "relative",
+    "small_color",  # several shapes: harder
     "text_only",
 )
 
@@ -44,8 +66,10 @@ def vocabulary_sentences() -> list[str]:
     sentences += [f"How many {c} shapes are there? {c}" for c in COLORS]
     sentences += [f"Is the {c} {s} left or right of the {c} {s}? left right {s}" for c in COLORS for s in SHAPES]
     sentences += ["How many shapes are there? What color is the small shape? " + " ".join(NUMBERS)]
-    sentences += ["What color is the shape? What shape is it? Is the shape on the left, center or right? "
-                  "Is the shape small or large? small large center"]
+    sentences += [
+        "What color is the shape? What shape is it? Is the shape on the left, center or right? "
+        "Is the shape small or large? small large center"
+    ]
     sentences += [f"{q} {a}" for q, a in TEXT_ONLY]
     return sentences
 
@@ -96,11 +120,14 @@ def _questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str, 
     out.append(("shape_at", f"What shape is in the {CELLS[s.cell]} cell?", s.kind))
     out.append(("count", "How many shapes are there?", NUMBERS[len(shapes)]))
     color = rng.choice(list(COLORS))
-    out.append(("count_color", f"How many {color} shapes are there?",
-                NUMBERS[sum(x.color == color for x in shapes)]))
+    out.append(("count_color", f"How many {color} shapes are there?", NUMBERS[sum(x.color == color for x in shapes)]))
     pairs = [(a, b) for a in shapes for b in shapes if a.cell % 3 != b.cell % 3]
-    unique = [(a, b) for a, b in pairs if sum((x.color, x.kind) == (a.color, a.kind) for x in shapes) == 1
-              and sum((x.color, x.kind) == (b.color, b.kind) for x in shapes) == 1]
+    unique = [
+        (a, b)
+        for a, b in pairs
+        if sum((x.color, x.kind) == (a.color, a.kind) for x in shapes) == 1
+        and sum((x.color, x.kind) == (b.color, b.kind) for x in shapes) == 1
+    ]
     if unique:
         a, b = rng.choice(unique)
         side = "left" if a.cell % 3 < b.cell % 3 else "right"
@@ -129,8 +156,13 @@ def make_dataset(out: str | Path, n: int = 2000, seed: int = 0, image_size: int 
         rid = f"shapes-{seed}-{i:06d}"
         if rng.random() < 0.05:
             q, a = rng.choice(TEXT_ONLY)
-            records.append({"id": rid, "type": "text_only", "conversations": [
-                {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+            records.append(
+                {
+                    "id": rid,
+                    "type": "text_only",
+                    "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}],
+                }
+            )
             continue
         single = rng.random() < 0.6
         cells = rng.sample(range(9), 1 if single else rng.randint(2, 5))
@@ -191,8 +223,13 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, json_path: str | Path, image_folder: str | Path | None, processor: Any, max_length: int = 1024,
-        skip_bad_records: bool = False, allow_outside_image_folder: bool = False,
+        self,
+        json_path: str | Path,
+        image_folder: str | Path | None,
+        processor: Any,
+        max_length: int = 1024,
+        skip_bad_records: bool = False,
+        allow_outside_image_folder: bool = False,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         self.json_path = Path(json_path)
@@ -358,7 +395,10 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         if placeholders != len(images):
             raise RecordError(f"record {rid}: {placeholders} <image> marker(s) but {len(images)} image(s)")
         encoded = self.processor.tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+            messages,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
             add_generation_prompt=add_generation_prompt,
         )
         image_inputs = self.processor.image_processor(images=images, return_tensors="pt") if images else {}

@@ -54,8 +54,13 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         x = 100 * r["prefill_flops"] / base_flops
         size = 600 * r["generate_seconds"] / base_latency
         ax.scatter([x], [100 * r["accuracy"]], s=size, color=color, alpha=0.6, edgecolors="black")
-        ax.annotate(f"{name}\n{1e3 * r['generate_seconds']:.0f} ms", (x, 100 * r["accuracy"]),
-                    textcoords="offset points", xytext=(14, -4), fontsize=8)
+        ax.annotate(
+            f"{name}\n{1e3 * r['generate_seconds']:.0f} ms",
+            (x, 100 * r["accuracy"]),
+            textcoords="offset points",
+            xytext=(14, -4),
+            fontsize=8,
+        )
     ax.axhline(100 * report["chance_accuracy"], color="red", lw=0.8, ls="--", label="answer-prior baseline")
     ax.set_xlabel("inference FLOPs, % of vanilla (prefill, language model)")
     ax.set_ylabel("exact-match accuracy, %")
@@ -104,13 +109,18 @@ def format_table(report: dict[str, Any]) -> str:
         ratio = s[key] / v[key] if v[key] and s[key] is not None else float("nan")
         lines.append(f"{label:34}{show(v[key], fmt, scale):>12}{show(s[key], fmt, scale):>14}{ratio:>9.3f}")
     lines.append(f"answer-prior baseline accuracy: {report['chance_accuracy']:.3f}")
-    lines.append("(measured FLOPs come from torch's FlopCounterMode, which charges full T x T attention and 2.5x for"
-                 " the flash backward; the analytic count uses causal pairs)")
+    lines.append(
+        "(measured FLOPs come from torch's FlopCounterMode, which charges full T x T attention and 2.5x for"
+        " the flash backward; the analytic count uses causal pairs)"
+    )
     return "\n".join(lines)
 
 
 def demo(
-    out: str | Path = "./skipvision-demo", preset: str = "tiny", steps: int | None = None, seed: int = 0,
+    out: str | Path = "./skipvision-demo",
+    preset: str = "tiny",
+    steps: int | None = None,
+    seed: int = 0,
     num_examples: int | None = None,
 ) -> dict[str, Any]:
     spec = get_preset(preset)
@@ -118,23 +128,43 @@ def demo(
     out = Path(out)
     steps = steps or DEFAULT_STEPS[preset]
     print(f"[1/5] data: {out / 'data'}")
-    train_json, test_json = make_dataset(out / "data", n=num_examples or DEFAULT_EXAMPLES, seed=seed,
-                                         image_size=spec.data_image_size)
+    train_json, test_json = make_dataset(
+        out / "data", n=num_examples or DEFAULT_EXAMPLES, seed=seed, image_size=spec.data_image_size
+    )
     print(f"[2/5] tiny {spec.family} ({preset}, random init): {out / 'base'}")
     base = init_model(preset, out / "base", seed=seed)
-    report: dict[str, Any] = {"preset": preset, "family": spec.family, "steps": steps, "seed": seed,
-                              "batch_size": BATCH_SIZE, "image_size": spec.data_image_size,
-                              "skip_vision_config": spec.skip_vision.to_dict()}
+    report: dict[str, Any] = {
+        "preset": preset,
+        "family": spec.family,
+        "steps": steps,
+        "seed": seed,
+        "batch_size": BATCH_SIZE,
+        "image_size": spec.data_image_size,
+        "skip_vision_config": spec.skip_vision.to_dict(),
+    }
     for name, cfg in (("vanilla", None), ("skip_vision", spec.skip_vision)):
         print(f"[3/5] training {name}: {steps} steps, batch {BATCH_SIZE}")
-        summary = train(TrainConfig(
-            model=str(base), data=str(train_json), output_dir=str(out / "runs" / name), skip_vision=cfg,
-            max_steps=steps, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, seed=seed,
-            save_steps=max(steps // 2, 1), logging_steps=max(steps // 10, 1), overwrite=True,
-        ))
-        report[name] = {"train_seconds": summary["train_seconds"], "train_step_seconds": summary["train_step_seconds"],
-                        "final_loss": summary["losses"][-1] if summary["losses"] else None,
-                        "checkpoint": summary["final"]}
+        summary = train(
+            TrainConfig(
+                model=str(base),
+                data=str(train_json),
+                output_dir=str(out / "runs" / name),
+                skip_vision=cfg,
+                max_steps=steps,
+                batch_size=BATCH_SIZE,
+                learning_rate=LEARNING_RATE,
+                seed=seed,
+                save_steps=max(steps // 2, 1),
+                logging_steps=max(steps // 10, 1),
+                overwrite=True,
+            )
+        )
+        report[name] = {
+            "train_seconds": summary["train_seconds"],
+            "train_step_seconds": summary["train_step_seconds"],
+            "final_loss": summary["losses"][-1] if summary["losses"] else None,
+            "checkpoint": summary["final"],
+        }
     for name in ("vanilla", "skip_vision"):
         final = Path(report[name]["checkpoint"])
         print(f"[4/5] evaluating {name} on {test_json}")
@@ -149,9 +179,18 @@ def demo(
         timing = measure(model, inputs, settings)
         report[name].update(timing, prefill_flops=F.batch_flops(model, inputs)["prefill_language_model"])
     report["chance_accuracy"] = _prior_accuracy(train_json, test_json)
-    report["ratios"] = {k: _ratio(report["skip_vision"][k], report["vanilla"][k])
-                        for k in ("train_step_seconds", "train_flops", "train_flops_measured", "prefill_seconds",
-                                  "decode_seconds_per_token", "kv_cache_bytes", "prefill_flops")}
+    report["ratios"] = {
+        k: _ratio(report["skip_vision"][k], report["vanilla"][k])
+        for k in (
+            "train_step_seconds",
+            "train_flops",
+            "train_flops_measured",
+            "prefill_seconds",
+            "decode_seconds_per_token",
+            "kv_cache_bytes",
+            "prefill_flops",
+        )
+    }
     report["total_seconds"] = time.perf_counter() - start
     (out / "report.json").write_text(json.dumps(report, indent=1))
     _plot(report, out / "tradeoff.png")

@@ -55,8 +55,11 @@ def evaluate(
         batch = collate(list(items))
         batch.pop("labels")
         out = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False,
-            suppress_tokens=[family_of(model).image_token_id(model.config)], pad_token_id=tokenizer.pad_token_id,
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            suppress_tokens=[family_of(model).image_token_id(model.config)],
+            pad_token_id=tokenizer.pad_token_id,
         )
         texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         for record, text, answer in zip(chunk, texts, answers):

@@ -239,7 +239,11 @@ def anyres_shape(text: TextShape, vision: VisionShape, tiles: int, newlines: boo
     side = vision.image_size // vision.patch
     rows = max(r for r in range(1, tiles + 1) if tiles % r == 0 and r * r <= tiles) if tiles else 0
     return ModelShape(
-        text, vision, visual_tokens=base * (1 + tiles), towers_per_image=1 + tiles, eligible_tokens=base,
+        text,
+        vision,
+        visual_tokens=base * (1 + tiles),
+        towers_per_image=1 + tiles,
+        eligible_tokens=base,
         newline_tokens=side * rows if newlines else 0,
     )
 
@@ -307,8 +311,13 @@ def text_shape(config: Any) -> TextShape:
     t = config.get_text_config()
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     return TextShape(
-        t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
-        t.num_key_value_heads, head_dim, t.vocab_size,
+        t.hidden_size,
+        t.intermediate_size,
+        t.num_hidden_layers,
+        t.num_attention_heads,
+        t.num_key_value_heads,
+        head_dim,
+        t.vocab_size,
     )
 
 

@@ -93,13 +93,34 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
     # SV-LLaVA-HD in miniature: a 168 px base (144 tokens, as "tiny") + up to 8 tiles; R = the base, tiles merged
     # to 144 (the paper's N_r = N_s = the thumbnail's tokens); scenes at 336 px give 2x2 tiles
     "tiny-next": ModelPreset(
-        "llava-next", 168, 14, 64, 2, 256, 688, 4, 8, 4,
-        SkipVisionConfig(num_retained=144, num_skipped=144), grid=ANYRES_GRID, data_image_size=336,
+        "llava-next",
+        168,
+        14,
+        64,
+        2,
+        256,
+        688,
+        4,
+        8,
+        4,
+        SkipVisionConfig(num_retained=144, num_skipped=144),
+        grid=ANYRES_GRID,
+        data_image_size=336,
     ),
     # LLaVA-OneVision in miniature: SigLIP (no CLS), Qwen2; R = the base, tiles merged to 64
     "tiny-onevision": ModelPreset(
-        "llava-onevision", 112, 14, 64, 2, 256, 688, 4, 8, 4,
-        SkipVisionConfig(num_retained=64, num_skipped=64, selection="position"), grid=ANYRES_GRID,
+        "llava-onevision",
+        112,
+        14,
+        64,
+        2,
+        256,
+        688,
+        4,
+        8,
+        4,
+        SkipVisionConfig(num_retained=64, num_skipped=64, selection="position"),
+        grid=ANYRES_GRID,
         data_image_size=224,
     ),
 }
@@ -111,12 +132,18 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedToken
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -143,25 +170,36 @@ def build_processor(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast) -> 
     if preset.family == "llava":
         image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         return LlavaProcessor(
-            image_processor=image_processor, patch_size=preset.patch_size, vision_feature_select_strategy="default",
-            num_additional_image_tokens=1, **common,
+            image_processor=image_processor,
+            patch_size=preset.patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            **common,
         )
     if preset.family == "llava-next":
         image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
             image_grid_pinpoints=preset.pinpoints,
         )
         return LlavaNextProcessor(
-            image_processor=image_processor, patch_size=preset.patch_size, vision_feature_select_strategy="default",
-            num_additional_image_tokens=1, **common,
+            image_processor=image_processor,
+            patch_size=preset.patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            **common,
         )
     if preset.family == "llava-onevision":
         image_processor = LlavaOnevisionImageProcessorPil(
-            size={"height": size, "width": size}, image_grid_pinpoints=preset.pinpoints,
+            size={"height": size, "width": size},
+            image_grid_pinpoints=preset.pinpoints,
         )
         return image_only_processor(
-            image_processor, num_image_tokens=preset.visual_tokens, vision_feature_select_strategy="full",
-            vision_aspect_ratio="anyres_max_9", **common,
+            image_processor,
+            num_image_tokens=preset.visual_tokens,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+            **common,
         )
     raise ValueError(f"no tiny builder for family {preset.family!r}")
 
@@ -169,35 +207,48 @@ def build_processor(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast) -> 
 def build_model(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> PreTrainedModel:
     """A random tiny model of the preset's family (vanilla HF class)."""
     vision_args = dict(
-        hidden_size=preset.vision_hidden, intermediate_size=4 * preset.vision_hidden,
-        num_hidden_layers=preset.vision_layers, num_attention_heads=max(1, preset.vision_hidden // 32),
-        image_size=preset.image_size, patch_size=preset.patch_size,
+        hidden_size=preset.vision_hidden,
+        intermediate_size=4 * preset.vision_hidden,
+        num_hidden_layers=preset.vision_layers,
+        num_attention_heads=max(1, preset.vision_hidden // 32),
+        image_size=preset.image_size,
+        patch_size=preset.patch_size,
     )
     text_args = dict(
-        vocab_size=len(tokenizer), hidden_size=preset.text_hidden, intermediate_size=preset.text_intermediate,
-        num_hidden_layers=preset.text_layers, num_attention_heads=preset.text_heads,
-        num_key_value_heads=preset.text_kv_heads, max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=preset.text_hidden,
+        intermediate_size=preset.text_intermediate,
+        num_hidden_layers=preset.text_layers,
+        num_attention_heads=preset.text_heads,
+        num_key_value_heads=preset.text_kv_heads,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     # CLIP + Llama, features from layer -2 without CLS: LLaVA-1.5's and LLaVA-NeXT's recipe
     clip_llama = dict(
-        vision_config=CLIPVisionConfig(**vision_args), text_config=LlamaConfig(**text_args),
-        vision_feature_select_strategy="default", vision_feature_layer=-2,
+        vision_config=CLIPVisionConfig(**vision_args),
+        text_config=LlamaConfig(**text_args),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
     )
     if preset.family == "llava":
         config = LlavaConfig(image_token_id=image_token_id, image_seq_length=preset.visual_tokens, **clip_llama)
         model_class = LlavaForConditionalGeneration
     elif preset.family == "llava-next":
-        config = LlavaNextConfig(
-            image_token_index=image_token_id, image_grid_pinpoints=preset.pinpoints, **clip_llama
-        )
+        config = LlavaNextConfig(image_token_index=image_token_id, image_grid_pinpoints=preset.pinpoints, **clip_llama)
         model_class = LlavaNextForConditionalGeneration
     elif preset.family == "llava-onevision":
         config = LlavaOnevisionConfig(
-            vision_config=SiglipVisionConfig(**vision_args), text_config=Qwen2Config(**text_args),
-            image_token_index=image_token_id, video_token_index=tokenizer.unk_token_id,
-            vision_feature_select_strategy="full", vision_feature_layer=-1, image_grid_pinpoints=preset.pinpoints,
+            vision_config=SiglipVisionConfig(**vision_args),
+            text_config=Qwen2Config(**text_args),
+            image_token_index=image_token_id,
+            video_token_index=tokenizer.unk_token_id,
+            vision_feature_select_strategy="full",
+            vision_feature_layer=-1,
+            image_grid_pinpoints=preset.pinpoints,
             vision_aspect_ratio="anyres_max_9",
         )
         model_class = LlavaOnevisionForConditionalGeneration

@@ -34,9 +34,7 @@ class ImageSequence:
     skipped: torch.Tensor
 
 
-def assemble(
-    images: list[ImageTokens], config: SkipVisionConfig, scorer: SummaryScorer | None
-) -> list[ImageSequence]:
+def assemble(images: list[ImageTokens], config: SkipVisionConfig, scorer: SummaryScorer | None) -> list[ImageSequence]:
     """The placeholder sequence of every image, in input order."""
     out: list[ImageSequence | None] = [None] * len(images)
     groups: dict[tuple[int, int, bool], list[int]] = {}

@@ -52,9 +52,7 @@ def enable_skip_ffn(layers: nn.ModuleList, skip_layers: tuple[int, ...] | None) 
     for index, layer in enumerate(layers):
         missing = [name for name in _REQUIRED if not hasattr(layer, name)]
         if missing:
-            raise TypeError(
-                f"Skip-FFN needs Llama-style decoder layers; {type(layer).__name__} lacks {missing}"
-            )
+            raise TypeError(f"Skip-FFN needs Llama-style decoder layers; {type(layer).__name__} lacks {missing}")
         if not isinstance(layer, SkipFFNLayerMixin):
             layer.__class__ = _skip_ffn_class(type(layer))
         layer.skip_ffn = index in chosen

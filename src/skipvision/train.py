@@ -101,9 +101,17 @@ def prepare_output_dir(cfg: TrainConfig) -> tuple[str | None, bool]:
     if occupied:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_manifest(out, {"model": cfg.model, "data": cfg.data, "max_steps": cfg.max_steps,
-                          "skip_vision": cfg.skip_vision.to_dict() if cfg.skip_vision else None,
-                          "checkpoints": [], "finished": False})
+    _write_manifest(
+        out,
+        {
+            "model": cfg.model,
+            "data": cfg.data,
+            "max_steps": cfg.max_steps,
+            "skip_vision": cfg.skip_vision.to_dict() if cfg.skip_vision else None,
+            "checkpoints": [],
+            "finished": False,
+        },
+    )
     return None, False
 
 
@@ -229,7 +237,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.freeze_vision_tower:
         family_of(model).vision_tower(model).requires_grad_(False)
     dataset = LlavaJsonDataset(
-        cfg.data, cfg.image_folder, processor, max_length=cfg.max_length, skip_bad_records=cfg.skip_bad_records,
+        cfg.data,
+        cfg.image_folder,
+        processor,
+        max_length=cfg.max_length,
+        skip_bad_records=cfg.skip_bad_records,
         allow_outside_image_folder=cfg.allow_outside_image_folder,
     )
     args = TrainingArguments(
@@ -258,7 +270,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     timer = StepTimer()
     trainer = SkipVisionTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
         callbacks=[timer],
     )
     trainer.skip_vision_processor = processor

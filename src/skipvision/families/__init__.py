@@ -20,9 +20,7 @@ def family_for(config: Any) -> Family:
     """The family of an HF config (or a ``model_type`` string)."""
     model_type = config if isinstance(config, str) else getattr(config, "model_type", None)
     if model_type not in FAMILIES:
-        raise ValueError(
-            f"Skip-Vision does not support model_type {model_type!r}; supported: {sorted(FAMILIES)}"
-        )
+        raise ValueError(f"Skip-Vision does not support model_type {model_type!r}; supported: {sorted(FAMILIES)}")
     return FAMILIES[model_type]
 
 

@@ -46,9 +46,7 @@ class LlavaFamily(Family):
             self, model, config, visual, lambda: inner.get_image_features(pixel_values=pixels, return_dict=True)
         )
         features = out.pooler_output
-        return [
-            ImageTokens(features[i], visual, None if scores is None else scores[i]) for i in range(len(features))
-        ]
+        return [ImageTokens(features[i], visual, None if scores is None else scores[i]) for i in range(len(features))]
 
     def configure_processor(
         self, processor: ProcessorMixin, config: SkipVisionConfig, model_config: PretrainedConfig | None
@@ -70,7 +68,8 @@ class LlavaFamily(Family):
         from ..flops import ModelShape, text_shape, vision_shape
 
         return ModelShape(
-            text_shape(config), vision_shape(config, cls=self.tower_emits_cls(config)),
+            text_shape(config),
+            vision_shape(config, cls=self.tower_emits_cls(config)),
             visual_tokens=self.tokens_per_tower_pass(config),
         )
 

@@ -130,8 +130,11 @@ class LlavaNextFamily(Family):
         rows = int(round(base**0.5))
         grid_rows = _grid_rows(tiles)
         return ModelShape(
-            text_shape(config), vision_shape(config, cls=self.tower_emits_cls(config)),
-            visual_tokens=base * (1 + tiles), towers_per_image=1 + tiles, eligible_tokens=base,
+            text_shape(config),
+            vision_shape(config, cls=self.tower_emits_cls(config)),
+            visual_tokens=base * (1 + tiles),
+            towers_per_image=1 + tiles,
+            eligible_tokens=base,
             newline_tokens=rows * grid_rows if tiles else 0,
         )
 

@@ -49,7 +49,6 @@ class LlavaOnevisionFamily(LlavaNextFamily):
             seen += n
         return 0
 
-
     # HF's processor cannot save or load without a video processor, which needs torchvision; an image-only
     # processor (video_processor=None) is saved as its parts and rebuilt from them.
     _SETTINGS = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio")
@@ -72,7 +71,8 @@ class LlavaOnevisionFamily(LlavaNextFamily):
             return super().load_processor(path)
         template = Path(path, "chat_template.jinja")
         return image_only_processor(
-            LlavaOnevisionImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+            LlavaOnevisionImageProcessorPil.from_pretrained(path),
+            AutoTokenizer.from_pretrained(path),
             chat_template=template.read_text() if template.exists() else None,
             **{k: settings[k] for k in self._SETTINGS},
         )
