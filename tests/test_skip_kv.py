@@ -166,3 +166,14 @@ def test_bad_decode_inputs():
         skipvision.prune_skipped_kv(cache, torch.zeros(1, cache.get_seq_length(), dtype=torch.bool))
     with pytest.raises(ValueError, match="non-empty cache"):
         model(input_ids=ids, pixel_values=pixels, past_key_values=cache)
+
+
+def test_tuple_outputs_prune_the_cache_too():
+    _, model = pair(CFG)
+    ids, mask, pixels = prompts([1, 2], CFG, [3, 1], [4, 2])
+    as_dict = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True)
+    as_tuple = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True, return_dict=False)
+    cache = next(entry for entry in as_tuple if isinstance(entry, type(as_dict.past_key_values)))
+    assert skipvision.skip_kv_state(cache) is not None
+    assert cache.get_seq_length() == as_dict.past_key_values.get_seq_length() == ids.shape[1] - CFG.num_skipped
+    assert torch.equal(as_tuple[0], as_dict.logits)

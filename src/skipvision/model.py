@@ -350,7 +350,10 @@ class SkipVisionMixin:
             **kwargs,
         )
         # training forwards also return a cache (config.use_cache); nobody decodes from it, so do not prune it
-        cache = outputs.past_key_values if hasattr(outputs, "past_key_values") else None
+        if isinstance(outputs, tuple):  # return_dict=False: the cache is one of the tuple's entries
+            cache = next((entry for entry in outputs if isinstance(entry, Cache)), None)
+        else:
+            cache = outputs.past_key_values
         if has_skipped and cfg.skip_kv_cache and not self.training and isinstance(cache, Cache):
             prune_skipped_kv(cache, skipped)
         return outputs
