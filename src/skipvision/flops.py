@@ -46,7 +46,16 @@ class VisionShape:
 
     @property
     def tokens(self) -> int:
-        return (self.image_size // self.patch) ** 2 + int(self.cls)
+        return self.patches + int(self.cls)
+
+    @property
+    def side(self) -> int:
+        """Patches along one side of the (square) input."""
+        return self.image_size // self.patch
+
+    @property
+    def patches(self) -> int:
+        return self.side**2
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,7 @@ def tower_pass_flops(v: VisionShape) -> int:
     """One ViT pass: patch embedding plus every layer (projections, attention over all tokens, MLP)."""
     t = v.tokens
     layer = 2 * t * 4 * v.hidden * v.hidden + 4 * v.hidden * t * t + 2 * t * 2 * v.hidden * v.intermediate
-    return v.layers * layer + 2 * (v.image_size // v.patch) ** 2 * 3 * v.patch * v.patch * v.hidden
+    return v.layers * layer + 2 * v.patches * 3 * v.patch * v.patch * v.hidden
 
 
 def projector_flops(v: VisionShape, text_hidden: int, tokens: int) -> int:
@@ -235,8 +244,7 @@ LLAMA3_8B = TextShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_h
 def anyres_shape(text: TextShape, vision: VisionShape, tiles: int, newlines: bool) -> ModelShape:
     """A thumbnail + ``tiles`` full tiles of ``vision.image_size`` (nothing unpadded); ``newlines``: HF LLaVA-NeXT
     adds one token per row of the tile grid (most square grid of ``tiles``)."""
-    base = (vision.image_size // vision.patch) ** 2
-    side = vision.image_size // vision.patch
+    base, side = vision.patches, vision.side
     rows = max(r for r in range(1, tiles + 1) if tiles % r == 0 and r * r <= tiles) if tiles else 0
     return ModelShape(
         text,
