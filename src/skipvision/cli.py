@@ -1,4 +1,4 @@
-"""``skipvision`` command line: init-model, make-data, train, eval, flops, bench, demo."""
+"""``skipvision`` command line: init-model, make-data, train, eval, generate, flops, bench, demo."""
 
 from __future__ import annotations
 
@@ -233,6 +233,29 @@ def _bench_model(args: argparse.Namespace):
     return base, build_processor(preset, tokenizer), skip, f"preset {args.preset} ({preset.family}, random weights)"
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .generate import Request, generate, read_requests
+
+    if args.batch:
+        if args.prompt or args.image:
+            raise ValueError("give either --batch or --prompt/--image, not both")
+        requests = read_requests(args.batch)
+    elif args.prompt is None:
+        raise ValueError("give --prompt (with --image for each image), or --batch FILE")
+    else:
+        requests = [Request(args.image or [], args.prompt)]
+    result = generate(
+        args.model, requests, max_new_tokens=args.max_new_tokens, skip_kv_cache=False if args.no_skip_kv_cache else None
+    )
+    for request, answer in zip(requests, result["answers"]):
+        print(f"{request.prompt!r} -> {answer}")
+    print(
+        f"prompt {result['prompt_tokens']} tokens x {len(requests)}, {result['new_tokens']} new tokens; "
+        f"prefill {1e3 * result['prefill_seconds']:.1f} ms, generate {1e3 * result['generate_seconds']:.1f} ms; "
+        f"KV cache after prefill {result['kv_cache_bytes_after_prefill'] / 1024:.1f} KiB"
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import demo
 
@@ -341,6 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the rows as JSON")
     _add_skip_vision_args(p)
     p.set_defaults(func=cmd_bench)
+
+    p = add("generate", help="answer a prompt about images with a saved model (vanilla or Skip-Vision)")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--image", action="append", help="an image file (repeat for several images)")
+    p.add_argument("--prompt", help="the question")
+    p.add_argument("--batch", help='JSON file of [{"image": path or [paths], "prompt": str}], paths relative to it')
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy decoding length")
+    p.add_argument("--no-skip-kv-cache", action="store_true", help="decode with the full cache")
+    p.set_defaults(func=cmd_generate)
 
     p = add("demo", help="end to end: data, train vanilla and Skip-Vision, evaluate, measure, report")
     p.add_argument("--out", default="./skipvision-demo", help="output folder (replaced)")
