@@ -130,12 +130,12 @@ def test_generate_equals_masked_full_forward(name, layout, skip_kv):
     _, prompt_skipped = model.embed_multimodal(inputs["input_ids"], inputs["pixel_values"], **images)
     reference = _masked_full_forward(model, out.sequences, inputs, prompt_skipped, skip_kv)
     assert (generated - reference).abs().max() <= 1e-5
-    # cache after prefill + NEW_TOKENS - 1 steps: each sample's valid entries = L_b - its skipped tokens + steps
+    # cache after prefill + NEW_TOKENS - 1 steps: each sample's valid entries = its tokens - its skipped tokens
     cache = out.past_key_values
     length = inputs["input_ids"].shape[1]
     if skip_kv:
         state = skipvision.skip_kv_state(cache)
-        expected = (inputs["attention_mask"].shape[1] - prompt_skipped.sum(1)).tolist()
+        expected = (inputs["attention_mask"].sum(1) - prompt_skipped.sum(1)).tolist()  # padding is pruned too
         assert state.slot_valid.sum(1).tolist() == expected
         assert cache.get_seq_length() == max(expected) + NEW_TOKENS - 1
         unmasked = _masked_full_forward(model, out.sequences, inputs, prompt_skipped, skip_kv=False)

@@ -175,5 +175,9 @@ def test_tuple_outputs_prune_the_cache_too():
     as_tuple = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True, return_dict=False)
     cache = next(entry for entry in as_tuple if isinstance(entry, type(as_dict.past_key_values)))
     assert skipvision.skip_kv_state(cache) is not None
-    assert cache.get_seq_length() == as_dict.past_key_values.get_seq_length() == ids.shape[1] - CFG.num_skipped
+    # the widest row is the 2-image one (no padding): 2 * N_s of its columns are pruned; the other row's padding is too
+    assert cache.get_seq_length() == as_dict.past_key_values.get_seq_length() == ids.shape[1] - 2 * CFG.num_skipped
+    assert (
+        skipvision.skip_kv_state(cache).slot_valid.sum(1).tolist() == (mask.sum(1) - torch.tensor([1, 2]) * 24).tolist()
+    )
     assert torch.equal(as_tuple[0], as_dict.logits)

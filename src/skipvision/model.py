@@ -355,7 +355,10 @@ class SkipVisionMixin:
         else:
             cache = outputs.past_key_values
         if has_skipped and cfg.skip_kv_cache and not self.training and isinstance(cache, Cache):
-            prune_skipped_kv(cache, skipped)
+            removed = skipped
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == skipped.shape:
+                removed = skipped | (attention_mask == 0)  # padding columns go too: no query ever reads them
+            prune_skipped_kv(cache, removed)
         return outputs
 
 

@@ -78,8 +78,9 @@ def skip_kv_state(cache: Cache | None) -> SkipKVState | None:
 def prune_skipped_kv(cache: Cache, skipped: torch.Tensor) -> SkipKVState:
     """Remove the columns marked in ``skipped (batch, L)`` from every layer of ``cache``, in place.
 
-    Kept entries are copied bitwise (post-RoPE keys), in their original order. Memory drops by the skipped
-    entries of the widest sample.
+    Kept entries are copied bitwise (post-RoPE keys), in their original order. The cache keeps the width of the
+    row with the most kept entries. The model also marks left-padding columns, which no query reads, so a short
+    prompt batched with a long one does not widen the cache.
     """
     if skip_kv_state(cache) is not None:
         raise ValueError("this cache was already pruned by Skip KV-cache; prefill a new cache for new images")
