@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -103,3 +105,8 @@ def prompts(
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m skipvision ARGS`` in a subprocess, output captured."""
+    return subprocess.run([sys.executable, "-m", "skipvision", *args], capture_output=True, text=True)

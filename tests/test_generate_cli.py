@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from conftest import run_cli as cli
 
 from skipvision.data import make_dataset
 from skipvision.generate import Request, generate
 from skipvision.presets import MODEL_PRESETS, init_model
 from skipvision.train import TrainConfig, train
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "skipvision", *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")

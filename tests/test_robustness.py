@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import pair, prompts
+from conftest import run_cli as cli
 from PIL import Image
 
 import skipvision
@@ -21,10 +20,6 @@ from skipvision.train import RUN_MANIFEST, TrainConfig, train
 
 CFG = SkipVisionConfig(num_retained=16, num_skipped=24)
 SKIP = MODEL_PRESETS["tiny"].skip_vision
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "skipvision", *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")

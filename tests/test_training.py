@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import run_cli
 
 import skipvision
 from skipvision.data import LlavaCollator, LlavaJsonDataset, make_dataset
@@ -124,7 +125,7 @@ def test_torchrun_two_processes_stay_in_sync(setup):
 
 def test_cli_rejects_unknown_options_and_bad_settings(setup):
     root, base, data = setup
-    run = lambda *a: subprocess.run([sys.executable, "-m", "skipvision", *a], capture_output=True, text=True)  # noqa: E731
+    run = run_cli
     bad = run("train", "--model", str(base), "--data", str(data), "--out", str(root / "x"), "--retain-ratio", "2")
     assert bad.returncode == 2 and "unrecognized arguments: --retain-ratio" in bad.stderr
     too_many = run(

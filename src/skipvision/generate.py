@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from PIL import Image
 
 from .api import family_of, from_pretrained, load_processor
 from .bench import kv_cache_bytes
+from .data import load_records
 
 
 @dataclass
@@ -22,16 +22,9 @@ class Request:
 
 
 def read_requests(batch_file: str | Path) -> list[Request]:
-    """``[{"image": path or [paths], "prompt": str}, ...]`` from a JSON file, with errors naming the entry."""
+    """``[{"image": path or [paths], "prompt": str}, ...]`` from a JSON file, with errors naming the file/entry."""
     path = Path(batch_file)
-    if not path.is_file():
-        raise ValueError(f"batch file {path} does not exist")
-    try:
-        entries = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{path} must hold a non-empty list of {{'image': ..., 'prompt': ...}} entries")
+    entries = load_records(path)
     requests = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
