@@ -87,6 +87,13 @@ def test_mlp_runs_on_non_skipped_rows_only(name):
     for h in hooks:
         h.remove()
     assert rows == [inputs["input_ids"].numel() - int(skipped.sum())] * len(layers)
+    # the public mask from per-image visual token counts marks the same tokens
+    cfg = model.skip_vision_config
+    counts = [
+        t.tokens.shape[0] for t in model.skip_vision_family.image_tokens(model, inputs["pixel_values"], images, cfg)
+    ]
+    mask = skipvision.skipped_token_mask(inputs["input_ids"], model.config.image_token_id, cfg, counts)
+    assert torch.equal(mask, skipped)
 
 
 def _masked_full_forward(model, sequences, inputs, prompt_skipped, skip_kv):

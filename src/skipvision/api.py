@@ -4,6 +4,7 @@ never a concrete family class: they dispatch on ``config.model_type``."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, ProcessorMixin
@@ -57,6 +58,19 @@ def from_pretrained(
         skip_vision = vanilla_config()
     family = family_for(config)
     return family.skip_class.from_pretrained(path, skip_vision=skip_vision, config=config, **kwargs)
+
+
+def load_for_inference(
+    path: str | os.PathLike, skip_kv_cache: bool | None = None
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Model (eval mode; a checkpoint without settings loads as the vanilla model) and its processor set up for it.
+
+    ``skip_kv_cache`` overrides the checkpoint's setting (None keeps it).
+    """
+    model = from_pretrained(path, vanilla=True).eval()
+    if skip_kv_cache is not None and skip_kv_cache != model.skip_vision_config.skip_kv_cache:
+        model.skip_vision_config = replace(model.skip_vision_config, skip_kv_cache=skip_kv_cache)
+    return model, load_processor(path)
 
 
 def checkpoint_skip_vision(path: str | os.PathLike) -> SkipVisionConfig | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import torch
+
 from .selection import SELECTIONS, selection_strategy
 
 MERGES = ("tome", "none")
@@ -32,6 +34,12 @@ class ImageLayout:
         """``[start, end)`` offsets of S inside the image's placeholder span."""
         start = self.retained + (1 if self.summary_tokens else 0)
         return start, start + self.skipped
+
+    def skipped_flags(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``(total,)`` bool: which of the image's placeholders are skipped."""
+        flags = torch.zeros(self.total, dtype=torch.bool, device=device)
+        flags[slice(*self.skipped_span)] = True
+        return flags
 
 
 @dataclass(frozen=True)
@@ -137,18 +145,21 @@ class SkipVisionConfig:
         skipped = min(self.num_skipped, candidates)
         return ImageLayout(self.num_retained, skipped, self.summary_tokens and skipped > 0)
 
-    @property
-    def num_image_tokens(self) -> int:
-        """Placeholder tokens of an image with at least N_s skip candidates (every image of a fixed-size tower)."""
+    def full_layout(self) -> ImageLayout:
+        """Layout of an image with at least N_s skip candidates (every image of a fixed-size tower)."""
         if self.num_retained is None:
             raise ValueError("num_retained=None keeps the model's own layout; its token count depends on the model")
-        return self.num_retained + self.num_skipped + (2 if self.summary_tokens and self.num_skipped else 0)
+        return self.image_layout(self.num_retained + self.num_skipped)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder tokens of an image with at least N_s skip candidates."""
+        return self.full_layout().total
 
     @property
     def skipped_span(self) -> tuple[int, int]:
         """``[start, end)`` offsets of S inside the span of an image with at least N_s candidates."""
-        start = (self.num_retained or 0) + (1 if self.summary_tokens else 0)
-        return start, start + self.num_skipped
+        return self.full_layout().skipped_span
 
     def check_against(self, facts: VisionFacts) -> None:
         """Raise ``ValueError`` if this config cannot run on a model with these properties."""

@@ -197,6 +197,21 @@ class DataError(ValueError):
 MAX_IMAGE_PIXELS = 4096 * 4096
 
 
+def _first_few(items: list[str], separator: str, shown: int = 5) -> str:
+    """The first ``shown`` items joined, and how many more there are."""
+    rest = f"{separator}... {len(items) - shown} more" if len(items) > shown else ""
+    return separator.join(items[:shown]) + rest
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """An image file as RGB; a missing, truncated or non-image file raises ``ValueError`` naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+
+
 def load_records(json_path: str | Path) -> list[Any]:
     """The records of a LLaVA JSON file, with errors that name the file."""
     path = Path(json_path)
@@ -257,13 +272,12 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         if self._cut:
             warnings.warn(
                 f"{self.json_path}: {len(self._cut)} record(s) are longer than max_length={self.max_length} and will "
-                f"be cut (their answers keep at least one token): {', '.join(self._cut[:5])}"
-                + (" ..." if len(self._cut) > 5 else ""),
+                f"be cut (their answers keep at least one token): {_first_few(self._cut, ', ')}",
                 stacklevel=3,
             )
         if not problems:
             return
-        listing = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
+        listing = _first_few(problems, "; ")
         if not self.skip_bad_records:
             raise DataError(f"{self.json_path}: {len(problems)} bad record(s): {listing}")
         if not good:
@@ -370,14 +384,11 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
 
     def load_images(self, record: dict[str, Any]) -> list[Image.Image]:
         rid = record.get("id", "<no id>")
-        images = []
-        for path in self.image_paths(record):
-            try:
-                with Image.open(path) as image:
-                    images.append(image.convert("RGB"))
-            except (OSError, ValueError) as error:  # missing file, truncated or not an image
-                raise RecordError(f"record {rid}: cannot read image {path}: {error}") from error
-        return images
+        paths = self.image_paths(record)
+        try:
+            return [open_rgb(path) for path in paths]
+        except ValueError as error:
+            raise RecordError(f"record {rid}: {error}") from error
 
     def encode(self, record: dict[str, Any]) -> dict[str, Any]:
         """Training item: the whole conversation, labels on the assistant answers only."""

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .api import family_of, from_pretrained, load_processor
+from .api import family_of, load_for_inference
 from .data import LlavaCollator, LlavaJsonDataset
 
 
@@ -37,12 +37,7 @@ def evaluate(
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 (or None for every record), got {limit}")
-    model = from_pretrained(model_dir, vanilla=True).eval()
-    if skip_kv_cache is not None and skip_kv_cache != model.skip_vision_config.skip_kv_cache:
-        from dataclasses import replace
-
-        model.skip_vision_config = replace(model.skip_vision_config, skip_kv_cache=skip_kv_cache)
-    processor = load_processor(model_dir)
+    model, processor = load_for_inference(model_dir, skip_kv_cache)
     dataset = LlavaJsonDataset(data, image_folder, processor, allow_outside_image_folder=allow_outside_image_folder)
     records = dataset.records[:limit] if limit else dataset.records
     collate = LlavaCollator(processor.tokenizer.pad_token_id, padding_side="left")

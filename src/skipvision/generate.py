@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
-from .api import family_of, from_pretrained, load_processor
+from .api import family_of, load_for_inference
 from .bench import kv_cache_bytes
-from .data import load_records
+from .data import load_records, open_rgb
 
 
 @dataclass
@@ -35,14 +34,6 @@ def read_requests(batch_file: str | Path) -> list[Request]:
     return requests
 
 
-def _open(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
-
-
 @torch.no_grad()
 def generate(
     model_dir: str | Path, requests: list[Request], max_new_tokens: int = 32, skip_kv_cache: bool | None = None
@@ -50,12 +41,7 @@ def generate(
     """Greedy answers for ``requests`` in one left-padded batch, with prefill time, total time and KV bytes."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    model = from_pretrained(model_dir, vanilla=True).eval()
-    if skip_kv_cache is not None and skip_kv_cache != model.skip_vision_config.skip_kv_cache:
-        from dataclasses import replace
-
-        model.skip_vision_config = replace(model.skip_vision_config, skip_kv_cache=skip_kv_cache)
-    processor = load_processor(model_dir)
+    model, processor = load_for_inference(model_dir, skip_kv_cache)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     texts = [
@@ -66,7 +52,7 @@ def generate(
         )
         for r in requests
     ]
-    images = [_open(p) for r in requests for p in r.images]
+    images = [open_rgb(p) for r in requests for p in r.images]
     inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
     start = time.perf_counter()
     prefill = model(**inputs, use_cache=True, logits_to_keep=1)

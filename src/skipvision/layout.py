@@ -72,13 +72,8 @@ def skipped_token_mask(
         offset = rank % config.num_image_tokens
         start, end = config.skipped_span
         return is_image & (offset >= start) & (offset < end)
-    flags = []
-    for visual in counts:
-        layout = config.image_layout(visual)
-        flag = torch.zeros(layout.total, dtype=torch.bool)
-        flag[slice(*layout.skipped_span)] = True
-        flags.append(flag)
-    return scatter_image_flags(is_image, torch.cat(flags).to(input_ids.device))
+    flags = [config.image_layout(visual).skipped_flags(input_ids.device) for visual in counts]
+    return scatter_image_flags(is_image, torch.cat(flags))
 
 
 def scatter_image_flags(is_image: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:

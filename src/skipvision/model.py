@@ -87,7 +87,7 @@ class Family:
 
     def selection_attention(self, model: nn.Module) -> nn.Module:
         """The vision attention module whose input CLS-attention selection scores."""
-        tower = model.model.vision_tower
+        tower = self.vision_tower(model)
         layers = getattr(tower, "vision_model", tower).encoder.layers
         feature_layer = model.config.vision_feature_layer
         if feature_layer == 0:

@@ -66,9 +66,7 @@ def assemble(images: list[ImageTokens], config: SkipVisionConfig, scorer: Summar
             else:
                 parts = [retained, skipped]
             sequences = torch.cat(parts, dim=1)
-        flags = torch.zeros(layout.total, dtype=torch.bool, device=tokens.device)
-        start, end = layout.skipped_span
-        flags[start:end] = True
+        flags = layout.skipped_flags(tokens.device)
         for row, index in enumerate(members):
             out[index] = ImageSequence(sequences[row], flags)
     return out  # type: ignore[return-value]
