@@ -144,7 +144,8 @@ def test_generate_equals_masked_full_forward(name, layout, skip_kv):
         state = skipvision.skip_kv_state(cache)
         expected = (inputs["attention_mask"].sum(1) - prompt_skipped.sum(1)).tolist()  # padding is pruned too
         assert state.slot_valid.sum(1).tolist() == expected
-        assert cache.get_seq_length() == max(expected) + NEW_TOKENS - 1
+        assert skipvision.cache_slots(cache) == max(expected) + NEW_TOKENS - 1
+        assert cache.get_seq_length() == length + NEW_TOKENS - 1  # generate sees tokens in full coordinates
         unmasked = _masked_full_forward(model, out.sequences, inputs, prompt_skipped, skip_kv=False)
         assert (generated[:, 1:] - unmasked[:, 1:]).abs().max() > 1e-4  # the pruning matters
     else:

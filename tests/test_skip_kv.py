@@ -102,7 +102,8 @@ def test_cache_is_pruned_and_decoding_ignores_pruned_entries():
     hook.remove()
     assert not torch.isnan(step.logits).any()
     assert positions[0][:, 0].tolist() == mask.sum(1).tolist()  # true position L (per sample, padding excluded)
-    assert cache.get_seq_length() == expected + 1
+    assert skipvision.cache_slots(cache) == expected + 1
+    assert cache.get_seq_length() == ids.shape[1] + 1  # generate sees tokens in full coordinates
 
     _, pruned_model = pair(skip_cfg)
     reference = pruned_model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True)
@@ -153,7 +154,7 @@ def test_sampling_generate_runs_and_prunes():
         return_dict_in_generate=True,
     )
     assert out.sequences.shape == (2, ids.shape[1] + 4)
-    assert out.past_key_values.get_seq_length() == ids.shape[1] - CFG.num_skipped + 3
+    assert skipvision.cache_slots(out.past_key_values) == ids.shape[1] - CFG.num_skipped + 3
 
 
 def test_bad_decode_inputs():
@@ -176,7 +177,8 @@ def test_tuple_outputs_prune_the_cache_too():
     cache = next(entry for entry in as_tuple if isinstance(entry, type(as_dict.past_key_values)))
     assert skipvision.skip_kv_state(cache) is not None
     # the widest row is the 2-image one (no padding): 2 * N_s of its columns are pruned; the other row's padding is too
-    assert cache.get_seq_length() == as_dict.past_key_values.get_seq_length() == ids.shape[1] - 2 * CFG.num_skipped
+    slots = skipvision.cache_slots
+    assert slots(cache) == slots(as_dict.past_key_values) == ids.shape[1] - 2 * CFG.num_skipped
     assert (
         skipvision.skip_kv_state(cache).slot_valid.sum(1).tolist() == (mask.sum(1) - torch.tensor([1, 2]) * 24).tolist()
     )

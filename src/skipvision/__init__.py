@@ -17,7 +17,7 @@ from .families.llava_onevision import SkipVisionLlavaOnevisionForConditionalGene
 from .layout import skipped_token_mask
 from .merge import bipartite_merge
 from .model import Family, SkipVisionMixin
-from .skip_kv import SkipKVState, prune_skipped_kv, skip_kv_state
+from .skip_kv import SkipKVState, cache_slots, prune_skipped_kv, skip_kv_state
 from .summary import SummaryScorer
 
 __version__ = "0.2.0"
@@ -41,6 +41,7 @@ __all__ = [
     "from_pretrained",
     "load_processor",
     "num_image_tokens",
+    "cache_slots",
     "prune_skipped_kv",
     "skip_kv_state",
     "skipped_token_mask",

@@ -11,9 +11,10 @@ import torch
 from .config import SkipVisionConfig
 
 
-def image_token_counts(input_ids: torch.Tensor, image_token_id: int, config: SkipVisionConfig) -> torch.Tensor:
-    """Images per sample for a fixed per-image count, checking whole image spans. Returns ``(batch,)``."""
-    per_sample = (input_ids == image_token_id).sum(dim=1)
+def image_token_counts(is_image: torch.Tensor, config: SkipVisionConfig) -> torch.Tensor:
+    """Images per sample for a fixed per-image count, from the ``(batch, seq)`` placeholder mask, checking whole
+    image spans. Returns ``(batch,)``."""
+    per_sample = is_image.sum(dim=1)
     span = config.num_image_tokens
     bad = (per_sample % span).nonzero()
     if bad.numel():
@@ -27,9 +28,10 @@ def image_token_counts(input_ids: torch.Tensor, image_token_id: int, config: Ski
     return per_sample // span
 
 
-def check_image_spans(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> None:
-    """Raise ``ValueError`` unless the placeholders hold exactly the images of ``counts``, each within one sample."""
-    per_sample = (input_ids == image_token_id).sum(dim=1).tolist()
+def check_image_spans(is_image: torch.Tensor, counts: list[int]) -> None:
+    """Raise ``ValueError`` unless the placeholders (``(batch, seq)`` mask) hold exactly the images of ``counts``,
+    each within one sample."""
+    per_sample = is_image.sum(dim=1).tolist()
     total = sum(per_sample)
     if total != sum(counts):
         raise ValueError(
@@ -47,7 +49,7 @@ def check_image_spans(input_ids: torch.Tensor, image_token_id: int, counts: list
                 f"(per-image counts {counts[:8]})"
             )
     # each image's placeholders must be one unbroken run: a break may only fall on an image boundary
-    flat = (input_ids == image_token_id).flatten().nonzero().squeeze(1)
+    flat = is_image.flatten().nonzero().squeeze(1)
     breaks = ((flat[1:] - flat[:-1]) != 1).nonzero().squeeze(1) + 1
     inside = [int(i) for i in breaks.tolist() if int(i) not in boundaries]
     if inside:

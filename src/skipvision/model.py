@@ -19,13 +19,14 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, ProcessorMixin
 from transformers.cache_utils import Cache
+from transformers.masking_utils import create_masks_for_generate
 
 from .config import SkipVisionConfig, VisionFacts
 from .layout import check_image_spans, image_token_counts, scatter_image_flags
 from .selection import selection_strategy
 from .sequence import ImageSequence, ImageTokens, assemble
 from .skip_ffn import FFN_ROWS_KWARG, enable_skip_ffn, ffn_rows
-from .skip_kv import prune_skipped_kv, skip_kv_state
+from .skip_kv import cache_slots, generated_rows_mask, prune_skipped_kv, skip_kv_state
 from .summary import SummaryScorer
 
 
@@ -63,13 +64,9 @@ class Family:
         return config.vision_config.model_type in self.CLS_TOWERS
 
     def tower_has_cls(self, config: PretrainedConfig) -> bool:
-        """The tower emits a CLS token that the selected features drop ("default", one feature layer): what
-        CLS-attention selection needs."""
-        return (
-            self.tower_emits_cls(config)
-            and config.vision_feature_select_strategy == "default"
-            and isinstance(config.vision_feature_layer, int)
-        )
+        """The tower emits a CLS token that the selected features drop ("default"): what CLS-attention selection
+        needs. A list of feature layers (features concatenated) qualifies too."""
+        return self.tower_emits_cls(config) and config.vision_feature_select_strategy == "default"
 
     def tokens_per_tower_pass(self, config: PretrainedConfig) -> int:
         """Visual tokens one tower pass (one image or tile) yields after feature selection."""
@@ -85,14 +82,17 @@ class Family:
     def vision_facts(self, config: PretrainedConfig) -> VisionFacts:
         raise NotImplementedError
 
-    def selection_attention(self, model: nn.Module) -> nn.Module:
-        """The vision attention module whose input CLS-attention selection scores."""
+    def selection_attentions(self, model: nn.Module) -> list[nn.Module]:
+        """The vision attention modules whose inputs CLS-attention selection scores: the attention of each layer
+        whose output is a feature layer (several for a list-valued ``vision_feature_layer``)."""
         tower = self.vision_tower(model)
         layers = getattr(tower, "vision_model", tower).encoder.layers
-        feature_layer = model.config.vision_feature_layer
-        if feature_layer == 0:
+        feature_layers = model.config.vision_feature_layer
+        feature_layers = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
+        if 0 in feature_layers:
             raise ValueError("selection='cls_attention' needs vision_feature_layer != 0 (embeddings have no attention)")
-        return layers[feature_layer if feature_layer < 0 else feature_layer - 1].self_attn
+        # hidden_states[k] is the output of layer k - 1 (k > 0), hidden_states[-k] that of layers[-k]
+        return [layers[index if index < 0 else index - 1].self_attn for index in feature_layers]
 
     # --- images -------------------------------------------------------------------------------------------------
     def num_images(self, pixel_values: torch.Tensor | None, image_inputs: dict[str, Any]) -> int:
@@ -129,20 +129,21 @@ class Family:
 
 
 @contextlib.contextmanager
-def capture_input(module: nn.Module | None) -> Iterator[list[torch.Tensor]]:
-    """Record the ``hidden_states`` input of ``module`` while the block runs (nothing if None)."""
-    captured: list[torch.Tensor] = []
-    if module is None:
-        yield captured
-        return
-    hook = module.register_forward_pre_hook(
-        lambda _m, args, kwargs: captured.append(kwargs.get("hidden_states", args[0] if args else None)),
-        with_kwargs=True,
-    )
+def capture_inputs(modules: list[nn.Module]) -> Iterator[list[list[torch.Tensor]]]:
+    """Record the ``hidden_states`` input of each module while the block runs (one list per module)."""
+    captured: list[list[torch.Tensor]] = [[] for _ in modules]
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda _m, args, kwargs, into=into: into.append(kwargs.get("hidden_states", args[0] if args else None)),
+            with_kwargs=True,
+        )
+        for module, into in zip(modules, captured)
+    ]
     try:
         yield captured
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
 
 
 class SkipVisionMixin:
@@ -151,6 +152,8 @@ class SkipVisionMixin:
     skip_vision_family: ClassVar[Family]
     #: check that pixel_values are finite before the tower runs (one reduction; set False in a hot loop)
     check_finite_pixels: bool = True
+    #: prompt length of the running ``generate`` call (None outside one): rows after it are generated tokens
+    _skip_vision_prompt_length: int | None = None
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(config)
@@ -256,23 +259,27 @@ class SkipVisionMixin:
         return sequences
 
     def embed_multimodal(
-        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None, **image_inputs: Any
+        self,
+        input_ids: torch.LongTensor | None,
+        pixel_values: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None = None,
+        **image_inputs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(inputs_embeds, skipped)``: token embeddings with each image's sequence scattered into its
-        placeholders, and the ``(batch, seq)`` boolean mask of skipped tokens."""
+        placeholders, and the ``(batch, seq)`` boolean mask of skipped tokens.
+
+        The placeholders come from ``input_ids``; without them (``generate(inputs_embeds=...)``) from the
+        embeddings equal to the image token's, as HF finds them. Given ``inputs_embeds`` are the text embeddings.
+        """
         cfg = self.skip_vision_config
         family = self.skip_vision_family
-        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a (batch, sequence) tensor; got {shape} (add a batch dimension)")
-        image_token_id = family.image_token_id(self.config)
-        is_image = input_ids == image_token_id
+        is_image = self.image_placeholder_mask(input_ids, inputs_embeds)
         if pixel_values is not None:
             self._check_image_inputs(pixel_values, image_inputs)
         provided = family.num_images(pixel_values, image_inputs)
         fixed = self.skip_vision_facts().fixed_visual_tokens
         if fixed is not None and not cfg.native:  # fixed count: check before running the tower
-            expected = int(image_token_counts(input_ids, image_token_id, cfg).sum())
+            expected = int(image_token_counts(is_image, cfg).sum())
             if expected != provided:
                 raise ValueError(
                     f"input_ids hold placeholders for {expected} image(s) ({cfg.num_image_tokens} tokens each) "
@@ -283,15 +290,103 @@ class SkipVisionMixin:
                 f"input_ids hold {int(is_image.sum())} image placeholder tokens but no images were given "
                 "(pixel_values is None)"
             )
-        inputs_embeds = self.get_input_embeddings()(input_ids)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
         skipped = torch.zeros_like(is_image)
         if provided:
             sequences = self._image_sequences(pixel_values, image_inputs)
-            check_image_spans(input_ids, image_token_id, [s.embeds.shape[0] for s in sequences])
+            check_image_spans(is_image, [s.embeds.shape[0] for s in sequences])
             image_embeds = torch.cat([s.embeds for s in sequences]).to(inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds)
             skipped = scatter_image_flags(is_image, torch.cat([s.skipped for s in sequences]))
         return inputs_embeds, skipped
+
+    def image_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(batch, seq)`` mask of the image placeholder tokens, from ``input_ids`` or else from the embeddings."""
+        image_token_id = self.skip_vision_family.image_token_id(self.config)
+        if input_ids is None:
+            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.ndim != 3:
+                raise ValueError("pass input_ids (batch, sequence) or inputs_embeds (batch, sequence, hidden)")
+            token = torch.tensor(image_token_id, device=inputs_embeds.device)
+            return (inputs_embeds == self.get_input_embeddings()(token).to(inputs_embeds.dtype)).all(-1)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (batch, sequence) tensor; got {shape} (add a batch dimension)")
+        if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} describe "
+                "different sequences"
+            )
+        return input_ids == image_token_id
+
+    # --- generation -----------------------------------------------------------------------------------------
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ):
+        # generate keeps the 2-D mask and position ids over the whole sequence (with inputs_embeds, input_ids hold
+        # only the generated tokens)
+        mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 else None
+        whole = next((t for t in (mask, kwargs.get("position_ids"), input_ids) if t is not None), None)
+        if skip_kv_state(past_key_values) is not None and whole is not None:
+            seen = int(past_key_values.get_seq_length())
+            if whole.shape[-1] <= seen:
+                raise ValueError(
+                    f"the inputs ({whole.shape[-1]} tokens) do not extend the {seen} tokens already in "
+                    "past_key_values. To continue a conversation pass the previous output's sequences plus the new "
+                    "tokens; to rerun a prompt, prefill a new cache (a Skip KV-cache has dropped its skipped keys, so "
+                    "it cannot be cut back into its prompt)."
+                )
+        # HF drops pixel_values outside the first iteration, and an assistant model's generate never has one; but a
+        # forward on an empty cache is a prefill whose placeholders need their images (an assistant then drafts
+        # from the image instead of failing on placeholders without pixels)
+        if not is_first_iteration and kwargs.get("pixel_values") is not None:
+            is_first_iteration = not isinstance(past_key_values, Cache) or cache_slots(past_key_values) == 0
+        return super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+
+    def generate(self, *args: Any, **kwargs: Any):
+        # Assisted and prompt-lookup decoding verify their first drafts in the prefill forward. Those tokens are
+        # generated, so under Skip KV-cache they must not see the skipped tokens, as in plain decoding; the prompt
+        # length tells the prefill where generated rows start.
+        prompt = kwargs.get("input_ids", args[0] if args else None)
+        if prompt is None:
+            prompt = kwargs.get("inputs_embeds")
+        previous = self._skip_vision_prompt_length
+        self._skip_vision_prompt_length = prompt.shape[1] if isinstance(prompt, torch.Tensor) else None
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._skip_vision_prompt_length = previous
+
+    def create_masks_for_generate(
+        self, *, inputs_embeds: torch.Tensor, attention_mask: Any, past_key_values: Any, **kwargs
+    ):
+        """HF builds the 4-D mask ahead of a compileable (static) cache's forward; after Skip KV-cache pruning its
+        2-D mask, kept in full coordinates by ``generate``, is first mapped onto the cache's slots."""
+        state = skip_kv_state(past_key_values)
+        if state is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+            attention_mask = state.compact_attention_mask(
+                attention_mask, cache_slots(past_key_values), inputs_embeds.shape[1]
+            )
+        return create_masks_for_generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs
+        )
 
     # --- language side --------------------------------------------------------------------------------------
     def forward(
@@ -306,38 +401,55 @@ class SkipVisionMixin:
         use_cache: bool | None = None,
         **kwargs: Any,
     ):
-        cfg = self.skip_vision_config
+        # the settings are parsed only where images are (a decode step, possibly compiled, needs none of them)
         image_inputs = {k: kwargs.pop(k) for k in self.skip_vision_family.image_input_names if k in kwargs}
         image_inputs = {k: v for k, v in image_inputs.items() if v is not None}
-        past_length = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
+        cache = past_key_values if isinstance(past_key_values, Cache) else None
+        state = skip_kv_state(cache)
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("pass input_ids or inputs_embeds")
         skipped = None
-        if input_ids is not None and (past_length == 0 or pixel_values is not None):
-            if inputs_embeds is not None:
-                raise ValueError("pass either input_ids or inputs_embeds, not both")
-            inputs_embeds, skipped = self.embed_multimodal(input_ids, pixel_values, **image_inputs)
+        if pixel_values is not None:
+            # tokens already cached (full coordinates): a prefill has none
+            past_length = 0 if cache is None else int(cache.get_seq_length())
+            if past_length and not bool(self.image_placeholder_mask(input_ids, inputs_embeds).any()):
+                # a continued chat re-sends the conversation's images; their placeholders are all in the cache
+                pixel_values, image_inputs = None, {}
+            elif past_length and self.skip_vision_config.skip_kv_cache and use_cache is not False:
+                raise ValueError(
+                    f"new images after a non-empty cache ({past_length} tokens): Skip KV-cache prunes the skipped "
+                    "tokens once, right after the prefill of an empty cache, so a later turn cannot add images to it. "
+                    "Prefill a new cache with the whole conversation, or set skip_kv_cache=False."
+                )
+        if pixel_values is not None or (
+            input_ids is not None and not torch.compiler.is_compiling() and (cache is None or cache_slots(cache) == 0)
+        ):
+            # a prefill: embed here, so placeholders without images are an error and never a silent text token
+            inputs_embeds, skipped = self.embed_multimodal(input_ids, pixel_values, inputs_embeds, **image_inputs)
             input_ids = None
-        elif pixel_values is not None:
-            raise ValueError("Skip-Vision needs input_ids (with image placeholder tokens) when pixel_values are given")
 
         has_skipped = skipped is not None and bool(skipped.any())
+        prunes = has_skipped and self.skip_vision_config.skip_kv_cache and not self.training and use_cache is not False
+        padding = None
+        if isinstance(attention_mask, torch.Tensor) and skipped is not None and attention_mask.shape == skipped.shape:
+            padding = attention_mask == 0
         if has_skipped:
             kwargs[FFN_ROWS_KWARG] = ffn_rows(skipped)
-            if cfg.skip_kv_cache and past_length > 0 and use_cache is not False:
-                raise ValueError(
-                    "Skip KV-cache prunes right after prefilling an empty cache; images after a non-empty cache are "
-                    "not supported. Start a new cache, or set skip_kv_cache=False."
-                )
+            prompt_length = self._skip_vision_prompt_length
+            if prunes and prompt_length is not None and skipped.shape[1] > prompt_length:
+                # a prefill that carries drafted tokens (assisted decoding): they must not see S, as when decoded
+                attention_mask = generated_rows_mask(attention_mask, skipped, prompt_length, inputs_embeds.dtype)
         elif self.training and self.summary_scorer is not None and inputs_embeds is not None:
             # text-only batch: touch the scorer so every DDP/ZeRO rank reduces the same parameters
             touch = sum(p.sum() for p in self.summary_scorer.parameters())
             inputs_embeds = inputs_embeds + 0.0 * touch.to(inputs_embeds.dtype)
 
-        state = skip_kv_state(past_key_values)
         if state is not None:
             query_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            slots = cache_slots(cache)
             if position_ids is None:
-                position_ids = state.positions(attention_mask, past_length, query_length)
-            attention_mask = state.compact_attention_mask(attention_mask, past_length, query_length)
+                position_ids = state.positions(attention_mask, slots, query_length)
+            attention_mask = state.compact_attention_mask(attention_mask, slots, query_length)
 
         outputs = super().forward(
             input_ids=input_ids,
@@ -351,14 +463,12 @@ class SkipVisionMixin:
         )
         # training forwards also return a cache (config.use_cache); nobody decodes from it, so do not prune it
         if isinstance(outputs, tuple):  # return_dict=False: the cache is one of the tuple's entries
-            cache = next((entry for entry in outputs if isinstance(entry, Cache)), None)
+            returned = next((entry for entry in outputs if isinstance(entry, Cache)), None)
         else:
-            cache = outputs.past_key_values
-        if has_skipped and cfg.skip_kv_cache and not self.training and isinstance(cache, Cache):
-            removed = skipped
-            if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == skipped.shape:
-                removed = skipped | (attention_mask == 0)  # padding columns go too: no query ever reads them
-            prune_skipped_kv(cache, removed)
+            returned = outputs.past_key_values
+        if prunes and isinstance(returned, Cache):
+            # padding columns go too: no query ever reads them
+            prune_skipped_kv(returned, skipped if padding is None else skipped | padding)
         return outputs
 
 
@@ -417,8 +527,11 @@ def selection_scores(
     """
     strategy = selection_strategy(config.selection)
     ranks = not config.native and config.num_retained < eligible
-    attention = family.selection_attention(model) if strategy.needs_cls and ranks else None
-    with capture_input(attention) as captured:
+    attentions = family.selection_attentions(model) if strategy.needs_cls and ranks else []
+    with capture_inputs(attentions) as captured:
         result = run_tower()
-    scores = strategy.scores(attention, captured[0]) if attention is not None else None
-    return result, scores
+    if not attentions:
+        return result, None
+    # several feature layers: the mean of their CLS attentions (one layer: exactly its own)
+    scores = sum(strategy.scores(attention, inputs[0]) for attention, inputs in zip(attentions, captured))
+    return result, scores / len(attentions)

@@ -36,13 +36,17 @@ from .families.llava_onevision import image_only_processor
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 
 # HF chat template; {% generation %} marks what the assistant says, so label masks come from
-# tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True).
+# tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True). A message's content is a string with
+# <image> markers (LLaVA data) or HF's list of {"type": "image"} / {"type": "text"} items (pipeline chats).
 CHAT_TEMPLATE = (
+    "{% macro render(content) %}{% if content is string %}{{ content }}{% else %}"
+    "{% for item in content %}{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}{% endmacro %}"
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}ASSISTANT:{% generation %} {{ message['content'] }}{{ eos_token }}"
+    "{% if message['role'] == 'assistant' %}ASSISTANT:{% generation %} {{ render(message['content']) }}{{ eos_token }}"
     "{% endgeneration %}\n"
-    "{% else %}USER: {{ message['content'] }}\n{% endif %}"
+    "{% else %}USER: {{ render(message['content']) }}\n{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )

@@ -3,14 +3,21 @@
 Positions are not renumbered: decoding continues at the true position L + t. The cache is compacted per sample,
 so the 2-D attention mask that ``generate`` keeps growing in full coordinates must be compacted the same way;
 :class:`SkipKVState` (attached to the cache) does that.
+
+A pruned cache keeps speaking full coordinates to ``generate``: ``get_seq_length()`` is the number of tokens seen
+(prompt + generated), as for an unpruned cache, so HF's input slicing on cache continuation (multi-turn chat),
+assisted decoding's ``crop`` arithmetic and beam reordering work unchanged, while the attention mask is built from
+the slots the cache really holds (``get_query_offset``). Dynamic and static caches can both be pruned; a static
+one is compacted into its first slots.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cache as memoize
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 STATE_ATTR = "skip_vision_state"
 
@@ -32,6 +39,11 @@ class SkipKVState:
     def num_slots(self) -> int:
         return self.kept_index.shape[1]
 
+    def select_rows(self, rows: torch.Tensor) -> SkipKVState:
+        """The state of a cache whose batch rows were reindexed by ``rows`` (beam reordering, expansion)."""
+        rows = rows.to(self.kept_index.device)
+        return replace(self, kept_index=self.kept_index[rows], slot_valid=self.slot_valid[rows])
+
     def full_length(self, cache_length: int, query_length: int) -> int:
         """Length of the attention mask in full (unpruned) coordinates."""
         return self.prompt_length + (cache_length - self.num_slots) + query_length
@@ -51,7 +63,7 @@ class SkipKVState:
             attention_mask = torch.ones(self.kept_index.shape[0], full, dtype=torch.long, device=self.kept_index.device)
         if attention_mask.ndim != 2:
             return attention_mask  # a 4-D mask is the caller's own, already in cache coordinates
-        if attention_mask.shape[1] != full:
+        if attention_mask.shape[1] != full and not torch.compiler.is_compiling():
             raise ValueError(
                 f"attention_mask has {attention_mask.shape[1]} columns; after Skip KV-cache pruning it must cover "
                 f"the full sequence, {full} columns (prompt + generated tokens, pruned positions included)"
@@ -61,13 +73,80 @@ class SkipKVState:
         return torch.cat([prompt, attention_mask[:, self.prompt_length :]], dim=1)
 
     def positions(self, attention_mask: torch.Tensor | None, cache_length: int, query_length: int) -> torch.Tensor:
-        """True position ids of the next ``query_length`` tokens, from a full-coordinate mask (or none)."""
-        full = self.full_length(cache_length, query_length)
-        if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] == full:
+        """True position ids of the next ``query_length`` tokens, from a full-coordinate 2-D mask (or none)."""
+        if attention_mask is not None and attention_mask.ndim == 2:
             return (attention_mask.long().cumsum(-1) - 1)[:, -query_length:].clamp_min(0)
-        start = full - query_length
-        arange = torch.arange(start, full, device=self.kept_index.device)
+        start = self.full_length(cache_length, query_length) - query_length
+        arange = torch.arange(query_length, device=self.kept_index.device) + start
         return arange.unsqueeze(0).expand(self.kept_index.shape[0], -1)
+
+
+class PrunedCacheMixin:
+    """Mixed into a pruned cache's class: lengths in full coordinates for ``generate``, real slots for masks."""
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        state: SkipKVState = getattr(self, STATE_ATTR)
+        slots = super().get_seq_length(layer_idx)
+        return state.prompt_length + slots - state.num_slots
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return super().get_seq_length(layer_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        state: SkipKVState = getattr(self, STATE_ATTR)
+        generated = super().get_seq_length() - state.num_slots
+        if tokens_to_remove < 0 and -tokens_to_remove > generated:
+            raise ValueError(
+                f"cannot crop {-tokens_to_remove} tokens from a Skip KV-cache that holds {generated} tokens after its "
+                "pruned prompt; the prompt's skipped keys are gone, so prefill a new cache to change the prompt"
+            )
+        super().crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        setattr(self, STATE_ATTR, getattr(self, STATE_ATTR).select_rows(beam_idx))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        setattr(self, STATE_ATTR, getattr(self, STATE_ATTR).select_rows(indices))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        state: SkipKVState = getattr(self, STATE_ATTR)
+        rows = torch.arange(state.kept_index.shape[0], device=state.kept_index.device).repeat_interleave(repeats)
+        setattr(self, STATE_ATTR, state.select_rows(rows))
+
+    def reset(self) -> None:
+        # an emptied cache (a static cache reused by the next generate) is unpruned again
+        super().reset()
+        delattr(self, STATE_ATTR)
+        self.__class__ = self.__class__.__bases__[1]
+
+
+@memoize
+def _pruned_cache_class(base: type) -> type:
+    return type(base.__name__, (PrunedCacheMixin, base), {"__module__": base.__module__})
+
+
+def cache_slots(cache: Cache, layer_idx: int = 0) -> int:
+    """Entries the cache really holds (for a pruned cache, fewer than the tokens seen)."""
+    return Cache.get_seq_length(cache, layer_idx)
+
+
+def generated_rows_mask(
+    attention_mask: torch.Tensor | None, skipped: torch.Tensor, first_generated: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive 4-D mask for a prefill whose rows from ``first_generated`` on are generated tokens: causal, no
+    padding columns, and generated rows do not see the skipped columns (what they would see after pruning)."""
+    batch, length = skipped.shape
+    rows = torch.arange(length, device=skipped.device)
+    allowed = (rows[:, None] >= rows[None, :]).expand(batch, length, length)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    allowed = allowed & ~((rows[:, None] >= first_generated) & skipped[:, None, :])
+    allowed = allowed | torch.eye(length, dtype=torch.bool, device=skipped.device)  # padding rows see themselves
+    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=skipped.device)
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=skipped.device), blocked)[:, None]
 
 
 def skip_kv_state(cache: Cache | None) -> SkipKVState | None:
@@ -93,24 +172,33 @@ def prune_skipped_kv(cache: Cache, skipped: torch.Tensor) -> SkipKVState:
     kept_index = order[:, :num_slots]
     slot_valid = torch.arange(num_slots, device=skipped.device).unsqueeze(0) < counts.unsqueeze(1)
     for layer_idx, layer in enumerate(cache.layers):
-        if type(layer) is not DynamicLayer:
+        if type(layer) not in (DynamicLayer, StaticLayer):
             raise NotImplementedError(
-                f"Skip KV-cache prunes DynamicCache layers; layer {layer_idx} is {type(layer).__name__}. "
-                "Use the default dynamic cache or set skip_kv_cache=False."
+                f"Skip KV-cache prunes full-attention dynamic or static cache layers; layer {layer_idx} is "
+                f"{type(layer).__name__} (sliding-window, quantized and offloaded layers would lose their own "
+                "bookkeeping). Use the default dynamic cache, a static one, or set skip_kv_cache=False."
             )
-        if layer.keys is None or layer.keys.numel() == 0:
+        if not layer.is_initialized or layer.keys.numel() == 0:
             continue
-        if layer.keys.shape[-2] != length:
+        if int(layer.get_seq_length()) != length:
             raise ValueError(
-                f"cache layer {layer_idx} holds {layer.keys.shape[-2]} positions but the prompt has {length}; "
+                f"cache layer {layer_idx} holds {int(layer.get_seq_length())} positions but the prompt has {length}; "
                 "Skip KV-cache pruning runs right after the prefill of an empty cache"
             )
-        heads, dim = layer.keys.shape[1], layer.keys.shape[-1]
-        index = kept_index[:, None, :, None].expand(batch, heads, num_slots, dim)
-        valid = slot_valid[:, None, :, None]
-        # torch.where, not a multiply: a skipped entry may hold NaN/inf and must not leak into invalid slots
-        layer.keys = torch.where(valid, layer.keys.gather(2, index), 0)
-        layer.values = torch.where(valid, layer.values.gather(2, index), 0)
+        for name in ("keys", "values"):
+            stored = getattr(layer, name)
+            heads, dim = stored.shape[1], stored.shape[-1]
+            index = kept_index[:, None, :, None].expand(batch, heads, num_slots, dim)
+            # torch.where, not a multiply: a skipped entry may hold NaN/inf and must not leak into invalid slots
+            kept = torch.where(slot_valid[:, None, :, None], stored[:, :, :length].gather(2, index), 0)
+            if isinstance(layer, StaticLayer):  # compact in place: a static cache keeps its tensors' addresses
+                stored[:, :, :num_slots].copy_(kept)
+                stored[:, :, num_slots:length].zero_()
+            else:
+                setattr(layer, name, kept)
+        if isinstance(layer, StaticLayer):
+            layer.cumulative_length.fill_(num_slots)
     state = SkipKVState(length, kept_index, slot_valid, all_slots_valid=bool(slot_valid.all()))
     setattr(cache, STATE_ATTR, state)
+    cache.__class__ = _pruned_cache_class(type(cache))
     return state

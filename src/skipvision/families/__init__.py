@@ -43,3 +43,28 @@ def family_for_processor(processor: Any) -> Family:
         if issubclass(cls, family.processor_class):
             return family
     raise TypeError(f"no Skip-Vision family uses processor {cls.__name__}")
+
+
+#: HF auto classes whose mapping holds the families' ``*ForConditionalGeneration`` classes
+AUTO_CLASS_NAMES = ("AutoModelForImageTextToText", "AutoModelForMultimodalLM", "AutoModelForPreTraining")
+
+
+def register_auto_classes() -> None:
+    """Make HF's auto classes (and so ``pipeline``) load a saved Skip-Vision checkpoint as its Skip-Vision class.
+
+    Each family's entry becomes ``(hf_class, skip_class)``: HF picks the class named in ``config.architectures``,
+    which ``save_pretrained`` writes, and the first one otherwise, so vanilla checkpoints still load as HF's class.
+    """
+    import transformers
+
+    for name in AUTO_CLASS_NAMES:
+        auto = getattr(transformers, name, None)
+        if auto is None:
+            continue
+        for family in FAMILIES.values():
+            config_class = family.hf_class.config_class
+            if config_class in auto._model_mapping:
+                auto.register(config_class, (family.hf_class, family.skip_class), exist_ok=True)
+
+
+register_auto_classes()
