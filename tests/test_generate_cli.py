@@ -66,3 +66,21 @@ def test_generate_errors(setup):
     assert missing.returncode == 2 and "cannot read image" in missing.stderr
     with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
         generate(final, [Request([], "hi")], max_new_tokens=0)
+
+
+def test_pipeline_answers_like_the_generate_api(setup):
+    """``transformers.pipeline`` loads a saved Skip-Vision model (Auto classes) with its configured processor."""
+    from transformers import pipeline
+
+    import skipvision
+
+    _, _, final, image = setup
+    question = "What color is the shape?"
+    expected = generate(final, [Request([str(image)], question)], max_new_tokens=4)["answers"][0]
+    pipe = pipeline("image-text-to-text", model=str(final))
+    assert isinstance(pipe.model, skipvision.SkipVisionMixin)
+    chat = [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": question}]}]
+    options = dict(max_new_tokens=4, return_full_text=False, generate_kwargs={"do_sample": False})
+    options["generate_kwargs"]["suppress_tokens"] = [pipe.model.config.image_token_id]
+    out = pipe(text=chat, **options)
+    assert out[0]["generated_text"].strip() == expected

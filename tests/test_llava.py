@@ -230,9 +230,13 @@ def test_from_vanilla_checkpoint_loads_every_weight(tmp_path):
     assert torch.equal(back.lm_head.weight, vanilla.lm_head.weight)
 
 
-def test_from_vanilla_checkpoint_initialises_scorer(tmp_path):
+@pytest.mark.parametrize("load", [{}, {"device_map": "cpu"}], ids=["default", "meta-device-init"])
+def test_from_vanilla_checkpoint_initialises_scorer(tmp_path, load):
+    """The scorer is missing from a vanilla checkpoint; it gets the paper's init on every loading path, including
+    the low-memory one that builds the model on the meta device first."""
     vanilla_model().save_pretrained(tmp_path)
-    model = SkipVisionLlavaForConditionalGeneration.from_pretrained(tmp_path, skip_vision=DEFAULT)
+    model = SkipVisionLlavaForConditionalGeneration.from_pretrained(tmp_path, skip_vision=DEFAULT, **load)
+    assert model.summary_scorer.score.weight.device.type == "cpu"
     scorer = model.summary_scorer
     assert torch.equal(scorer.score.bias, torch.zeros(1))
     assert torch.equal(scorer.norm.weight, torch.ones(64)) and torch.equal(scorer.norm.bias, torch.zeros(64))

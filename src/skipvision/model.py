@@ -89,10 +89,14 @@ class Family:
         layers = getattr(tower, "vision_model", tower).encoder.layers
         feature_layers = model.config.vision_feature_layer
         feature_layers = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
-        if 0 in feature_layers:
-            raise ValueError("selection='cls_attention' needs vision_feature_layer != 0 (embeddings have no attention)")
-        # hidden_states[k] is the output of layer k - 1 (k > 0), hidden_states[-k] that of layers[-k]
-        return [layers[index if index < 0 else index - 1].self_attn for index in feature_layers]
+        # hidden_states[k] (k > 0) is the output of layers[k - 1]; hidden_states[0] (= [-(L + 1)]) the embeddings
+        resolved = [index + len(layers) + 1 if index < 0 else index for index in feature_layers]
+        if 0 in resolved:
+            raise ValueError(
+                f"selection='cls_attention' cannot use vision_feature_layer {model.config.vision_feature_layer}: "
+                "it includes the embeddings (hidden state 0), which no attention produced"
+            )
+        return [layers[index - 1].self_attn for index in resolved]
 
     # --- images -------------------------------------------------------------------------------------------------
     def num_images(self, pixel_values: torch.Tensor | None, image_inputs: dict[str, Any]) -> int:

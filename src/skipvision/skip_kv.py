@@ -56,18 +56,21 @@ class SkipKVState:
         Masks are always read in full coordinates, as ``generate`` keeps them: the compacted length can equal the
         full one (when the widest sample lost nothing), so the length alone cannot tell the two apart.
         """
-        full = self.full_length(cache_length, query_length)
         if attention_mask is None:
             if self.all_slots_valid:
                 return None
+            full = self.full_length(cache_length, query_length)
             attention_mask = torch.ones(self.kept_index.shape[0], full, dtype=torch.long, device=self.kept_index.device)
         if attention_mask.ndim != 2:
             return attention_mask  # a 4-D mask is the caller's own, already in cache coordinates
-        if attention_mask.shape[1] != full and not torch.compiler.is_compiling():
-            raise ValueError(
-                f"attention_mask has {attention_mask.shape[1]} columns; after Skip KV-cache pruning it must cover "
-                f"the full sequence, {full} columns (prompt + generated tokens, pruned positions included)"
-            )
+        # checked eagerly only: a static cache's length is a tensor, and a compiled step must not branch on it
+        if not torch.compiler.is_compiling():
+            full = self.full_length(cache_length, query_length)
+            if attention_mask.shape[1] != full:
+                raise ValueError(
+                    f"attention_mask has {attention_mask.shape[1]} columns; after Skip KV-cache pruning it must "
+                    f"cover the full sequence, {full} columns (prompt + generated tokens, pruned positions included)"
+                )
         prompt = attention_mask[:, : self.prompt_length].gather(1, self.kept_index)
         prompt = prompt * self.slot_valid.to(prompt.dtype)
         return torch.cat([prompt, attention_mask[:, self.prompt_length :]], dim=1)
