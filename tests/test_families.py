@@ -216,3 +216,29 @@ def test_bad_inputs_raise_clear_errors(name):
             vanilla, SkipVisionConfig(num_retained=facts.eligible_tokens + 1, num_skipped=4, selection="position")
         )
     assert type(vanilla) is skipvision.family_of(vanilla).hf_class  # a failed convert leaves the model as it was
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hf_generate_paths_equal_plain_greedy(name):
+    """Static cache (left-padded batch), assisted decoding (batch 1) and a continued second turn give what plain
+    dynamic-cache greedy decoding gives, on every family."""
+    cfg = FAMILIES[name][1]
+    _, model = pair(name, cfg)
+    greedy = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[model.config.image_token_id, 2])
+    inputs = _inputs(name, model, cfg)
+    dynamic = model.generate(**inputs, **greedy, output_logits=True, return_dict_in_generate=True)
+    static = model.generate(
+        **inputs, **greedy, cache_implementation="static", output_logits=True, return_dict_in_generate=True
+    )
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert (torch.stack(static.logits) - torch.stack(dynamic.logits)).abs().max() <= 1e-5
+    single = _inputs(name, model, cfg, LAYOUT[:1])
+    assert torch.equal(model.generate(**single, **greedy, assistant_model=model), model.generate(**single, **greedy))
+    # turn 2 continues from the pruned cache: equal to decoding the whole conversation in one go
+    first = model.generate(**single, **greedy, return_dict_in_generate=True)
+    mask = torch.ones_like(first.sequences)
+    images = {k: v for k, v in single.items() if k not in ("input_ids", "attention_mask")}
+    second = model.generate(
+        input_ids=first.sequences, attention_mask=mask, past_key_values=first.past_key_values, **images, **greedy
+    )
+    assert torch.equal(second, model.generate(**single, **{**greedy, "max_new_tokens": 8}))

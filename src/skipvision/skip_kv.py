@@ -61,8 +61,9 @@ class SkipKVState:
                 return None
             full = self.full_length(cache_length, query_length)
             attention_mask = torch.ones(self.kept_index.shape[0], full, dtype=torch.long, device=self.kept_index.device)
-        if attention_mask.ndim != 2:
-            return attention_mask  # a 4-D mask is the caller's own, already in cache coordinates
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2:
+            # a 4-D mask (or HF's per-layer-type dict of them) is the caller's own, already in cache coordinates
+            return attention_mask
         # checked eagerly only: a static cache's length is a tensor, and a compiled step must not branch on it
         if not torch.compiler.is_compiling():
             full = self.full_length(cache_length, query_length)
@@ -77,7 +78,7 @@ class SkipKVState:
 
     def positions(self, attention_mask: torch.Tensor | None, cache_length: int, query_length: int) -> torch.Tensor:
         """True position ids of the next ``query_length`` tokens, from a full-coordinate 2-D mask (or none)."""
-        if attention_mask is not None and attention_mask.ndim == 2:
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
             return (attention_mask.long().cumsum(-1) - 1)[:, -query_length:].clamp_min(0)
         start = self.full_length(cache_length, query_length) - query_length
         arange = torch.arange(query_length, device=self.kept_index.device) + start
