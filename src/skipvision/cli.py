@@ -92,10 +92,29 @@ def cmd_train(args: argparse.Namespace) -> None:
             overwrite=args.overwrite,
             skip_bad_records=args.skip_bad_records,
             allow_outside_image_folder=args.allow_outside_image_folder,
+            lora=_lora_from_args(args),
             extra_args=_training_args(args.training_args),
         )
     )
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+
+
+def _lora_from_args(args: argparse.Namespace):
+    from .lora import DEFAULT_TARGETS, LoraSettings
+
+    given = [args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets]
+    if not args.lora:
+        if any(v is not None for v in given):
+            raise ValueError("--lora-r, --lora-alpha, --lora-dropout and --lora-targets need --lora")
+        return None
+    defaults = LoraSettings()
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
+    return LoraSettings(
+        r=args.lora_r if args.lora_r is not None else defaults.r,
+        alpha=args.lora_alpha if args.lora_alpha is not None else defaults.alpha,
+        dropout=args.lora_dropout if args.lora_dropout is not None else defaults.dropout,
+        targets=targets or DEFAULT_TARGETS,
+    )
 
 
 def _training_args(value: str | None) -> dict:
@@ -316,6 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-vision-tower", action="store_true", help="also train the tower (default: frozen)")
     p.add_argument("--skip-bad-records", action="store_true", help="drop records that cannot be read, with a warning")
     p.add_argument("--training-args", help="extra TrainingArguments, JSON or a JSON file (fsdp, deepspeed, ...)")
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="LoRA on the language model (PEFT; projector and summary scorer fully trained); saves final_adapter/ "
+        "and the merged model in final/",
+    )
+    p.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 32)")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
+    p.add_argument("--lora-targets", help="comma-separated module names (default: q,k,v,o,gate,up,down _proj)")
     _add_skip_vision_args(p)
     p.set_defaults(func=cmd_train)
 

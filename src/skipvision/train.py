@@ -25,6 +25,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from .api import family_of, from_pretrained, load_processor, save_processor
 from .config import SkipVisionConfig, vanilla_config
 from .data import LlavaCollator, LlavaJsonDataset, load_records
+from .lora import LoraSettings, apply_lora, is_peft_model, load_adapter_weights
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TrainConfig:
     overwrite: bool = False  # replace whatever output_dir holds
     skip_bad_records: bool = False
     allow_outside_image_folder: bool = False
+    lora: LoraSettings | None = None  # LoRA adapters on the language model (PEFT); None = full fine-tuning
     extra_args: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments (fsdp, deepspeed, ...)
 
 
@@ -87,7 +89,7 @@ def prepare_output_dir(cfg: TrainConfig) -> tuple[str | None, bool]:
             raise ValueError(f"nothing to resume: {out} holds no skipvision run")
         if manifest.get("finished"):
             return None, True
-        names = [n for n in manifest.get("checkpoints", []) if (out / n / "config.json").is_file()]
+        names = [n for n in manifest.get("checkpoints", []) if _is_checkpoint(out / n)]
         if not names:
             raise ValueError(
                 f"nothing to resume: the run in {out} saved no checkpoint yet; start over with --overwrite"
@@ -113,6 +115,11 @@ def prepare_output_dir(cfg: TrainConfig) -> tuple[str | None, bool]:
         },
     )
     return None, False
+
+
+def _is_checkpoint(path: Path) -> bool:
+    # a full model, or a PEFT adapter (LoRA runs)
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
 class StepTimer(TrainerCallback):
@@ -161,6 +168,9 @@ class SkipVisionTrainer(Trainer):
         # Trainer's own resume does a non-strict load_state_dict of the raw file, which misses keys that
         # save_pretrained wrote in Llava's legacy layout; load through from_pretrained and insist on every key
         model = model if model is not None else self.model
+        if is_peft_model(model):
+            load_adapter_weights(model, resume_from_checkpoint)
+            return
         saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
         model.load_state_dict(saved.state_dict(), strict=True)
 
@@ -219,6 +229,14 @@ def save_atomically(model, processor, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def save_adapter_atomically(model, out: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    model.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train and save ``<output_dir>/final``; returns timings, losses and the final checkpoint path.
 
@@ -236,6 +254,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model, processor = load_for_training(cfg.model, cfg.skip_vision)
     if cfg.freeze_vision_tower:
         family_of(model).vision_tower(model).requires_grad_(False)
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora)
     dataset = LlavaJsonDataset(
         cfg.data,
         cfg.image_folder,
@@ -268,6 +288,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         dataloader_num_workers=0,
         **cfg.extra_args,
     )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     timer = StepTimer()
     trainer = SkipVisionTrainer(
         model=model,
@@ -290,7 +311,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if not in_sync:
             raise RuntimeError(f"ranks out of sync after training: parameter checksums {sums}")
     final = Path(cfg.output_dir) / "final"
-    if args.should_save:
+    if args.should_save and cfg.lora is not None:
+        # the adapter as PEFT saves it, then the merged model, which loads and evaluates like any checkpoint
+        save_adapter_atomically(model, Path(cfg.output_dir) / "final_adapter")
+        save_atomically(model.merge_and_unload(), processor, final)
+    elif args.should_save:
         save_atomically(trainer.model, processor, final)
     steady = timer.durations[2:] or timer.durations
     summary = {
@@ -304,6 +329,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "world_size": args.world_size,
         "ranks_in_sync": in_sync,
         "params_checksum": checksum,
+        "trainable_parameters": trainable,
         "config": {**asdict(cfg), "skip_vision": cfg.skip_vision.to_dict() if cfg.skip_vision else None},
     }
     if args.should_save:
