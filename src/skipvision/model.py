@@ -9,10 +9,9 @@ No transformers modeling code is copied.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import inspect
 import os
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -54,6 +53,16 @@ class Family:
     def vision_tower(self, model: nn.Module) -> nn.Module:
         return model.model.vision_tower
 
+    def vision_layers(self, model: nn.Module) -> nn.ModuleList:
+        tower = self.vision_tower(model)
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    def block_class_names(self, model: nn.Module) -> list[str]:
+        """Class names of the repeated blocks (decoder and vision layers): the units FSDP shards and wraps."""
+        blocks = [self.decoder_layers(model)[0], self.vision_layers(model)[0]]
+        # the Skip-FFN layer class keeps its HF name, so the names match both the HF and the Skip-Vision model
+        return sorted({type(block).__name__ for block in blocks})
+
     def tower_passes(self, config: PretrainedConfig, num_images: int, image_inputs: dict[str, Any]) -> int:
         """Tower passes the images of one batch take (one per image; anyres: base + tiles)."""
         return num_images
@@ -85,8 +94,7 @@ class Family:
     def selection_attentions(self, model: nn.Module) -> list[nn.Module]:
         """The vision attention modules whose inputs CLS-attention selection scores: the attention of each layer
         whose output is a feature layer (several for a list-valued ``vision_feature_layer``)."""
-        tower = self.vision_tower(model)
-        layers = getattr(tower, "vision_model", tower).encoder.layers
+        layers = self.vision_layers(model)
         feature_layers = model.config.vision_feature_layer
         feature_layers = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
         # hidden_states[k] (k > 0) is the output of layers[k - 1]; hidden_states[0] (= [-(L + 1)]) the embeddings
@@ -130,24 +138,6 @@ class Family:
     def model_shape(self, config: PretrainedConfig) -> Any:
         """``flops.ModelShape`` of this model with one image of the base size."""
         raise NotImplementedError
-
-
-@contextlib.contextmanager
-def capture_inputs(modules: list[nn.Module]) -> Iterator[list[list[torch.Tensor]]]:
-    """Record the ``hidden_states`` input of each module while the block runs (one list per module)."""
-    captured: list[list[torch.Tensor]] = [[] for _ in modules]
-    hooks = [
-        module.register_forward_pre_hook(
-            lambda _m, args, kwargs, into=into: into.append(kwargs.get("hidden_states", args[0] if args else None)),
-            with_kwargs=True,
-        )
-        for module, into in zip(modules, captured)
-    ]
-    try:
-        yield captured
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 class SkipVisionMixin:
@@ -532,10 +522,23 @@ def selection_scores(
     strategy = selection_strategy(config.selection)
     ranks = not config.native and config.num_retained < eligible
     attentions = family.selection_attentions(model) if strategy.needs_cls and ranks else []
-    with capture_inputs(attentions) as captured:
+    scores: list[list[torch.Tensor]] = [[] for _ in attentions]
+
+    def hook(into: list[torch.Tensor], module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # scored inside the module's call, while its weights are whole (FSDP reshards them right after)
+        with torch.no_grad():
+            into.append(strategy.scores(module, kwargs.get("hidden_states", args[0] if args else None)))
+
+    hooks = [
+        attention.register_forward_pre_hook(functools.partial(hook, into), with_kwargs=True)
+        for attention, into in zip(attentions, scores)
+    ]
+    try:
         result = run_tower()
+    finally:
+        for handle in hooks:
+            handle.remove()
     if not attentions:
         return result, None
     # several feature layers: the mean of their CLS attentions (one layer: exactly its own)
-    scores = sum(strategy.scores(attention, inputs[0]) for attention, inputs in zip(attentions, captured))
-    return result, scores / len(attentions)
+    return result, sum(layer_scores[0] for layer_scores in scores) / len(attentions)

@@ -25,7 +25,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from .api import family_of, from_pretrained, load_processor, save_processor
 from .config import SkipVisionConfig, vanilla_config
 from .data import LlavaCollator, LlavaJsonDataset, load_records
-from .lora import LoraSettings, apply_lora, is_peft_model, load_adapter_weights
+from .lora import LoraSettings, apply_lora, base_model, is_peft_model, load_adapter_weights
 
 
 @dataclass
@@ -229,6 +229,45 @@ def save_atomically(model, processor, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def with_fsdp_wrap_classes(extra_args: dict[str, Any], block_classes: list[str]) -> dict[str, Any]:
+    """FSDP settings with the layers to wrap taken from the model (decoder and vision blocks) unless given."""
+    if not extra_args.get("fsdp"):
+        return extra_args
+    if isinstance(extra_args.get("fsdp_config"), str):
+        raise ValueError("give fsdp_config inline in --training-args (a JSON object), not as a file path")
+    fsdp_config = dict(extra_args.get("fsdp_config") or {})
+    fsdp_config.setdefault("transformer_layer_cls_to_wrap", block_classes)
+    return {**extra_args, "fsdp_config": fsdp_config}
+
+
+def check_engine_request(trainer: Trainer, extra_args: dict[str, Any]) -> None:
+    """Fail instead of silently training without the engine asked for. accelerate only turns FSDP on for
+    accelerator devices: on a CPU-only machine Trainer would quietly run plain DDP."""
+    if extra_args.get("fsdp") and not trainer.is_fsdp_enabled:
+        raise ValueError(
+            f"FSDP was requested but accelerate set up {trainer.accelerator.distributed_type} instead (accelerate "
+            "enables FSDP on GPU/XPU/NPU-like devices only, not on the CPU); drop 'fsdp' from --training-args, or "
+            "run on accelerators"
+        )
+    if extra_args.get("deepspeed") and not trainer.is_deepspeed_enabled:
+        raise ValueError(f"DeepSpeed was requested but accelerate set up {trainer.accelerator.distributed_type}")
+
+
+def _engine(trainer: Trainer) -> dict[str, Any]:
+    """What actually ran: accelerate's distributed type and, for FSDP, its version and the wrapped layer classes."""
+    accelerator = trainer.accelerator
+    engine: dict[str, Any] = {"distributed_type": str(accelerator.distributed_type).rsplit(".", 1)[-1]}
+    if trainer.is_fsdp_enabled:
+        from torch.distributed.fsdp import FSDPModule
+
+        plugin = accelerator.state.fsdp_plugin
+        engine["fsdp_version"] = plugin.fsdp_version
+        engine["sharded_modules"] = sorted(
+            {type(m).__name__ for m in trainer.model_wrapped.modules() if isinstance(m, FSDPModule)}
+        )
+    return engine
+
+
 def save_adapter_atomically(model, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     model.save_pretrained(tmp)
@@ -264,6 +303,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         skip_bad_records=cfg.skip_bad_records,
         allow_outside_image_folder=cfg.allow_outside_image_folder,
     )
+    unwrapped = base_model(model)
+    extra_args = with_fsdp_wrap_classes(cfg.extra_args, family_of(unwrapped).block_class_names(unwrapped))
     args = TrainingArguments(
         output_dir=cfg.output_dir,
         max_steps=cfg.max_steps,
@@ -286,7 +327,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # the unused last tower layer (features come from layer -2) gets no gradient when the tower trains
         ddp_find_unused_parameters=not cfg.freeze_vision_tower,
         dataloader_num_workers=0,
-        **cfg.extra_args,
+        **extra_args,
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     timer = StepTimer()
@@ -298,6 +339,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         callbacks=[timer],
     )
     trainer.skip_vision_processor = processor
+    check_engine_request(trainer, cfg.extra_args)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
@@ -327,6 +369,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "train_loss": result.training_loss,
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "world_size": args.world_size,
+        "engine": _engine(trainer),
         "ranks_in_sync": in_sync,
         "params_checksum": checksum,
         "trainable_parameters": trainable,
