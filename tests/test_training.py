@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +192,36 @@ def test_fsdp_request_is_filled_from_the_model_and_never_silently_dropped(setup)
         launch + train_args + ["--training-args", args], capture_output=True, text=True, timeout=300
     )
     assert result.returncode != 0 and "FSDP was requested but accelerate set up" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def one_process_reference(setup):
+    """One process, the global batch of the two-process runs (2 ranks x 2)."""
+    return train(config(setup, "one-process-b4", skip_vision=SKIP, max_steps=3, batch_size=4, save_steps=3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["configs/zero2.json", "configs/zero3.json"], ids=["zero2", "zero3"])
+def test_deepspeed_zero_two_cpu_processes_match_one_process(setup, one_process_reference, zero):
+    """DeepSpeed's CPU accelerator (gloo) through Trainer: same losses and final weights as one process, and the
+    gathered final checkpoint loads and generates (ZeRO-3 holds one sharded copy, gathered at save)."""
+    pytest.importorskip("deepspeed")
+    root, base, data = setup
+    out = root / f"ds-{Path(zero).stem}"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "skipvision"]
+    run = ["train", "--model", str(base), "--data", str(data), "--out", str(out), "--max-steps", "3"]
+    run += ["--batch-size", "2", "--save-steps", "3", "--logging-steps", "1", "--num-retained", "36"]
+    run += ["--num-skipped", "36", "--training-args", json.dumps({"deepspeed": zero})]
+    result = subprocess.run(launch + run, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["engine"]["distributed_type"] == "DEEPSPEED" and summary["world_size"] == 2
+    assert summary["losses"] == pytest.approx(one_process_reference["losses"], abs=1e-4)
+    sharded = skipvision.from_pretrained(out / "final").eval()
+    reference = skipvision.from_pretrained(one_process_reference["final"]).state_dict()
+    assert max(float((p - reference[k]).abs().max()) for k, p in sharded.state_dict().items()) <= 1e-5
+    processor = skipvision.load_processor(out / "final")
+    batch = LlavaCollator(processor.tokenizer.pad_token_id)([LlavaJsonDataset(data, None, processor)[0]])
+    batch.pop("labels")
+    generated = sharded.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == batch["input_ids"].shape[1] + 3

@@ -224,9 +224,49 @@ def save_atomically(model, processor, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     model.save_pretrained(tmp)
     save_processor(processor, tmp)
+    _replace(tmp, out)
+
+
+def _replace(tmp: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def save_with_trainer(trainer: Trainer, out: Path, processor) -> None:
+    """``trainer.save_model`` into a staging sibling, then rename over ``out``. Every rank calls it: under FSDP
+    and ZeRO-3 gathering the full weights is collective; only the main process writes."""
+    staging = out.parent / f".{out.name}-staging"
+    if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    if trainer.args.should_save:
+        if processor is not None:
+            save_processor(processor, staging)
+        _replace(staging, out)
+    if trainer.args.world_size > 1:
+        torch.distributed.barrier()
+
+
+def merge_saved_adapter(base_dir: str, skip_vision: SkipVisionConfig | None, adapter: Path):
+    from peft import PeftModel
+
+    base = from_pretrained(base_dir, skip_vision=skip_vision or vanilla_config())
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+
+
+def is_sharded(trainer: Trainer) -> bool:
+    """FSDP or ZeRO-3: each rank holds a shard of the parameters, not a replica."""
+    if trainer.is_fsdp_enabled:
+        return True
+    plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def checkpoint_checksum(path: Path) -> float:
+    from safetensors.torch import load_file
+
+    return float(sum(t.double().sum() for f in sorted(path.glob("*.safetensors")) for t in load_file(f).values()))
 
 
 def with_fsdp_wrap_classes(extra_args: dict[str, Any], block_classes: list[str]) -> dict[str, Any]:
@@ -266,14 +306,6 @@ def _engine(trainer: Trainer) -> dict[str, Any]:
             {type(m).__name__ for m in trainer.model_wrapped.modules() if isinstance(m, FSDPModule)}
         )
     return engine
-
-
-def save_adapter_atomically(model, out: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    model.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -344,21 +376,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
 
-    checksum = params_checksum(model)
-    in_sync = True
-    if args.world_size > 1:
-        sums = [None] * args.world_size
-        torch.distributed.all_gather_object(sums, checksum)
-        in_sync = all(abs(s - sums[0]) <= 1e-6 * max(1.0, abs(sums[0])) for s in sums)
-        if not in_sync:
-            raise RuntimeError(f"ranks out of sync after training: parameter checksums {sums}")
     final = Path(cfg.output_dir) / "final"
-    if args.should_save and cfg.lora is not None:
-        # the adapter as PEFT saves it, then the merged model, which loads and evaluates like any checkpoint
-        save_adapter_atomically(model, Path(cfg.output_dir) / "final_adapter")
-        save_atomically(model.merge_and_unload(), processor, final)
-    elif args.should_save:
-        save_atomically(trainer.model, processor, final)
+    if cfg.lora is not None:
+        # the adapter as Trainer saves it (gathered under any engine), merged onto a fresh base on the main
+        # process: the final model loads and evaluates like any checkpoint
+        adapter = Path(cfg.output_dir) / "final_adapter"
+        save_with_trainer(trainer, adapter, None)
+        if args.should_save:
+            save_atomically(merge_saved_adapter(cfg.model, cfg.skip_vision, adapter), processor, final)
+    else:
+        save_with_trainer(trainer, final, processor)
+
+    if is_sharded(trainer):
+        # one sharded copy: no replicas to compare; the checksum is that of the gathered final weights
+        in_sync, checksum = None, checkpoint_checksum(final) if args.should_save else None
+    else:
+        checksum = params_checksum(model)
+        in_sync = True
+        if args.world_size > 1:
+            sums = [None] * args.world_size
+            torch.distributed.all_gather_object(sums, checksum)
+            in_sync = all(abs(s - sums[0]) <= 1e-6 * max(1.0, abs(sums[0])) for s in sums)
+            if not in_sync:
+                raise RuntimeError(f"ranks out of sync after training: parameter checksums {sums}")
     steady = timer.durations[2:] or timer.durations
     summary = {
         "final": str(final),
