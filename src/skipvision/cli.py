@@ -99,6 +99,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
 
 
+def cmd_lmms_eval_task(args: argparse.Namespace) -> None:
+    from .lmms_eval_task import write_task
+
+    path = write_task(args.data, args.out, args.name, args.image_folder, args.max_new_tokens)
+    print(
+        f"{path}\nrun: lmms-eval --model skipvision --model_args pretrained=MODEL_DIR --tasks {args.name} "
+        f"--include_path {args.out} --batch_size 8"
+    )
+
+
 def _lora_from_args(args: argparse.Namespace):
     from .lora import DEFAULT_TARGETS, LoraSettings
 
@@ -347,6 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-targets", help="comma-separated module names (default: q,k,v,o,gate,up,down _proj)")
     _add_skip_vision_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = add("lmms-eval-task", help="write an lmms-eval task (YAML + docs) for a LLaVA JSON file, for --include_path")
+    p.add_argument("--data", required=True, help="LLaVA JSON with one question and answer per record")
+    p.add_argument("--out", required=True, help="folder for the task files (pass it to lmms-eval --include_path)")
+    p.add_argument("--name", default="skipvision_shapes", help="the task name for lmms-eval --tasks")
+    p.add_argument("--image-folder", help="default: images/ next to the JSON file")
+    p.add_argument("--max-new-tokens", type=int, default=4, help="greedy tokens per answer (as skipvision eval)")
+    p.set_defaults(func=cmd_lmms_eval_task)
 
     p = add("eval", help="exact-match accuracy with generate (a vanilla checkpoint is the baseline)")
     _add_data_args(p, "checkpoint directory (a vanilla one is evaluated as the baseline)")

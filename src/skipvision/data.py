@@ -228,6 +228,31 @@ def load_records(json_path: str | Path) -> list[Any]:
     return records
 
 
+def default_image_folder(json_path: str | Path) -> Path:
+    """Where a LLaVA JSON file's images are unless told: ``images/`` next to it."""
+    return Path(json_path).parent / "images"
+
+
+def record_image_paths(record: dict[str, Any], folder: Path, allow_outside: bool = False) -> list[Path]:
+    """A record's image files, confined to ``folder`` unless ``allow_outside``."""
+    rid = record.get("id", "<no id>")
+    names = record.get("image")
+    names = [] if names is None else names if isinstance(names, list) else [names]
+    root = folder.resolve()
+    paths = []
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise RecordError(f"record {rid}: image names must be non-empty strings, got {name!r}")
+        path = (folder / name).resolve()
+        if not allow_outside and not path.is_relative_to(root):
+            raise RecordError(
+                f"record {rid}: image {name!r} is outside the image folder {root} (pass "
+                "allow_outside_image_folder / --allow-outside-image-folder to read it)"
+            )
+        paths.append(path)
+    return paths
+
+
 class LlavaJsonDataset(torch.utils.data.Dataset):
     """LLaVA instruction JSON tokenised with the processor's chat template.
 
@@ -249,7 +274,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
     ) -> None:
         self.json_path = Path(json_path)
         self.records = load_records(json_path)
-        self.image_folder = Path(image_folder) if image_folder is not None else self.json_path.parent / "images"
+        self.image_folder = Path(image_folder) if image_folder is not None else default_image_folder(self.json_path)
         self.processor = processor
         self.max_length = max_length
         self.skip_bad_records = skip_bad_records
@@ -336,22 +361,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
 
     def image_paths(self, record: dict[str, Any]) -> list[Path]:
         """The record's image files, confined to the image folder unless ``allow_outside_image_folder``."""
-        rid = record.get("id", "<no id>")
-        names = record.get("image")
-        names = [] if names is None else names if isinstance(names, list) else [names]
-        folder = self.image_folder.resolve()
-        paths = []
-        for name in names:
-            if not isinstance(name, str) or not name:
-                raise RecordError(f"record {rid}: image names must be non-empty strings, got {name!r}")
-            path = (self.image_folder / name).resolve()
-            if not self.allow_outside_image_folder and not path.is_relative_to(folder):
-                raise RecordError(
-                    f"record {rid}: image {name!r} is outside the image folder {folder} (pass "
-                    "allow_outside_image_folder / --allow-outside-image-folder to read it)"
-                )
-            paths.append(path)
-        return paths
+        return record_image_paths(record, self.image_folder, self.allow_outside_image_folder)
 
     def __len__(self) -> int:
         return len(self.records)

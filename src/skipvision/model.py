@@ -526,8 +526,9 @@ def selection_scores(
 
     def hook(into: list[torch.Tensor], module: nn.Module, args: tuple, kwargs: dict) -> None:
         # scored inside the module's call, while its weights are whole (FSDP reshards them right after)
-        with torch.no_grad():
-            into.append(strategy.scores(module, kwargs.get("hidden_states", args[0] if args else None)))
+        hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+        with torch.no_grad():  # a ranking: no gradient flows through it
+            into.append(strategy.scores(module, hidden_states.detach()))
 
     hooks = [
         attention.register_forward_pre_hook(functools.partial(hook, into), with_kwargs=True)
