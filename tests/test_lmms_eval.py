@@ -33,8 +33,9 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     skipvision.from_pretrained(base, skip_vision=SKIP).save_pretrained(model_dir)
     skipvision.api.save_processor(skipvision.load_processor(base, SKIP), model_dir)
-    write_task(test_json, root / "tasks", TASK)
-    return root, model_dir, test_json
+    task = write_task(test_json, root / "tasks", TASK)
+    assert task["kept"] > 0 and task["kept"] + task["left_out"] == len(json.loads(test_json.read_text()))
+    return root, model_dir, task["records"], test_json.parent / "images"
 
 
 def test_entry_point_registers_the_model():
@@ -47,7 +48,7 @@ def test_simple_evaluate_equals_skipvision_eval(setup):
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    root, model_dir, test_json = setup
+    root, model_dir, records, images = setup
     out = simple_evaluate(
         model="skipvision",
         model_args=f"pretrained={model_dir}",
@@ -57,7 +58,7 @@ def test_simple_evaluate_equals_skipvision_eval(setup):
         task_manager=TaskManager(include_path=str(root / "tasks")),
         log_samples=True,
     )
-    reference = evaluate(model_dir, test_json, progress=False)
+    reference = evaluate(model_dir, records, image_folder=images, progress=False)
     assert out["results"][TASK]["exact_match,none"] == pytest.approx(reference["accuracy"])
     predictions = {p["id"]: p["prediction"].strip() for p in reference["predictions"]}
     samples = {s["doc"]["id"]: s["filtered_resps"][0].strip() for s in out["samples"][TASK]}
@@ -67,7 +68,7 @@ def test_simple_evaluate_equals_skipvision_eval(setup):
 
 def test_cli_run_with_model_args(setup):
     """The command line as README gives it, with Skip-Vision settings as model args (Skip KV-cache off)."""
-    root, model_dir, _ = setup
+    root, model_dir, _, _ = setup
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "skipvision", "--tasks", TASK, "--batch_size", "4"]
     cmd += ["--model_args", f"pretrained={model_dir},skip_kv_cache=false", "--include_path", str(root / "tasks")]
     cmd += ["--device", "cpu", "--output_path", str(root / "out")]
@@ -88,7 +89,7 @@ def test_loglikelihood_scores_a_continuation_as_decoding_does(setup):
     from skipvision.lmms_eval_model import SkipVisionLMM
     from skipvision.lmms_eval_task import doc_to_text, doc_to_visual
 
-    root, model_dir, _ = setup
+    root, model_dir, _, _ = setup
     lmm = SkipVisionLMM(pretrained=str(model_dir))
     doc = json.loads((root / "tasks" / f"{TASK}.jsonl").read_text().splitlines()[0])
     lmm.task_dict = {TASK: {"test": [doc]}}
@@ -116,7 +117,7 @@ def test_loglikelihood_scores_a_continuation_as_decoding_does(setup):
 def test_bad_model_args_are_refused(setup):
     from skipvision.lmms_eval_model import SkipVisionLMM
 
-    _, model_dir, _ = setup
+    _, model_dir, _, _ = setup
     with pytest.raises(ValueError, match="unknown skipvision model args"):
         SkipVisionLMM(pretrained=str(model_dir), num_retaind=4)
     with pytest.raises(ValueError, match="both num_retained and num_skipped"):

@@ -102,10 +102,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_lmms_eval_task(args: argparse.Namespace) -> None:
     from .lmms_eval_task import write_task
 
-    path = write_task(args.data, args.out, args.name, args.image_folder, args.max_new_tokens)
+    task = write_task(args.data, args.out, args.name, args.image_folder, args.max_new_tokens)
+    folder = args.image_folder or Path(args.data).parent / "images"
     print(
-        f"{path}\nrun: lmms-eval --model skipvision --model_args pretrained=MODEL_DIR --tasks {args.name} "
-        f"--include_path {args.out} --batch_size 8"
+        f"{task['yaml']}: {task['kept']} single-question records ({task['left_out']} multi-turn records left out; "
+        f"they are in neither file)\n"
+        f"lmms-eval --model skipvision --model_args pretrained=MODEL_DIR --tasks {args.name} "
+        f"--include_path {args.out} --batch_size 8 --device cpu\n"
+        f"the same records for skipvision eval: --data {task['records']} --image-folder {folder}"
     )
 
 

@@ -2,8 +2,10 @@
 
 ``write_task`` writes ``<out>/<name>.yaml``, ``<out>/utils.py`` and ``<out>/<name>.jsonl`` (one doc per record: the
 question with its ``<image>`` markers, absolute image paths, the answer, the type). Run lmms-eval with
-``--include_path <out>``. The doc functions below are what the task's ``utils.py`` imports, so the prompt and the
-scoring are skipvision's own (``evaluate.normalise``).
+``--include_path <out>``. lmms-eval gives a simple model one context string, so records with one question and one
+answer become docs; multi-turn records are left out (and counted), and ``<out>/<name>.json`` holds the kept
+records in LLaVA format, so ``skipvision eval`` can score exactly the same records. The doc functions below are
+what the task's ``utils.py`` imports, so the prompt and the scoring are skipvision's own (``evaluate.normalise``).
 """
 
 from __future__ import annotations
@@ -49,18 +51,19 @@ def write_task(
     name: str = "skipvision_shapes",
     image_folder: str | Path | None = None,
     max_new_tokens: int = 4,
-) -> Path:
-    """Write an lmms-eval task for the single-question records of ``data``; returns the YAML path."""
+) -> dict[str, Any]:
+    """Write an lmms-eval task for the single-question records of ``data``.
+
+    Returns ``{"yaml", "records" (the kept records as LLaVA JSON), "kept", "left_out"}``.
+    """
     records = load_records(data)
     folder = Path(image_folder) if image_folder else default_image_folder(data)
-    docs = []
+    kept, docs = [], []
     for record in records:
         turns = record.get("conversations") or []
         if len(turns) != 2:
-            raise ValueError(
-                f"record {record.get('id', '<no id>')}: lmms-eval tasks here take one question and one answer; it "
-                f"has {len(turns)} turns"
-            )
+            continue
+        kept.append(record)
         docs.append(
             {
                 "id": record.get("id"),
@@ -70,14 +73,17 @@ def write_task(
                 "images": [str(path) for path in record_image_paths(record, folder)],
             }
         )
+    if not docs:
+        raise ValueError(f"{data}: no record has exactly one question and one answer")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     docs_path = (out / f"{name}.jsonl").resolve()
     docs_path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (out / f"{name}.json").write_text(json.dumps(kept, indent=1))
     (out / "utils.py").write_text(UTILS_PY)
     yaml_path = out / f"{name}.yaml"
     yaml_path.write_text(TASK_YAML.format(name=name, docs=docs_path, max_new_tokens=max_new_tokens))
-    return yaml_path
+    return {"yaml": yaml_path, "records": out / f"{name}.json", "kept": len(kept), "left_out": len(records) - len(kept)}
 
 
 def doc_to_visual(doc: dict[str, Any]) -> list:
