@@ -47,6 +47,26 @@ def test_forward_flops_match_flop_counter(name):
     assert mlp == 2 * parts["ffn"]
 
 
+def test_list_valued_feature_layers_are_counted():
+    """Several feature layers: a wider projector input and CLS scoring in each of them."""
+    import copy
+
+    from conftest import llava_config
+    from transformers import LlavaForConditionalGeneration
+
+    import skipvision
+
+    cfg = CONFIGS["tome+summary+cls"]
+    config = llava_config()
+    config.vision_feature_layer = [-2, -1]
+    model = skipvision.convert(copy.deepcopy(LlavaForConditionalGeneration(config)), cfg).eval()
+    ids, _, pixels = prompts([2, 2], cfg, [3, 3], [5, 5])
+    total, _ = F.measured_flops(lambda: model(input_ids=ids, pixel_values=pixels))
+    lm, vision, _ = analytic_forward(model, cfg, int((ids[0] != IMAGE_TOKEN_ID).sum()), 2, batch=2)
+    assert F.shape_of(model.config).vision.feature_layers == 2
+    assert abs((lm + vision) / total - 1) <= 0.02
+
+
 def test_skipping_removes_exactly_the_ffn_of_skipped_tokens():
     cfg = CONFIGS["tome+summary+cls"]
     _, model = pair(cfg)

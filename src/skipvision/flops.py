@@ -43,6 +43,7 @@ class VisionShape:
     image_size: int
     patch: int
     cls: bool = True
+    feature_layers: int = 1  # hidden states concatenated into the projector (list-valued vision_feature_layer)
 
     @property
     def tokens(self) -> int:
@@ -102,7 +103,7 @@ def tower_pass_flops(v: VisionShape) -> int:
 
 def projector_flops(v: VisionShape, text_hidden: int, tokens: int) -> int:
     """The 2-layer MLP projector over ``tokens`` visual tokens."""
-    return 2 * tokens * (v.hidden * text_hidden + text_hidden * text_hidden)
+    return 2 * tokens * (v.hidden * v.feature_layers * text_hidden + text_hidden * text_hidden)
 
 
 def vision_flops(shape: ModelShape, images: int = 1) -> dict[str, int]:
@@ -121,7 +122,8 @@ def skip_vision_overhead(shape: ModelShape, cfg: SkipVisionConfig, images: int =
     layout = cfg.image_layout(shape.visual_tokens)
     total = 0
     if cfg.num_retained < shape.eligible:  # the selection ranks the base pass's tokens
-        total += selection_strategy(cfg.selection).overhead_flops(v.hidden, v.tokens)
+        # CLS attention is scored in each feature layer (their mean ranks the tokens)
+        total += v.feature_layers * selection_strategy(cfg.selection).overhead_flops(v.hidden, v.tokens)
     candidates = shape.visual_tokens - cfg.num_retained
     if cfg.merge == "tome" and candidates > layout.skipped:
         total += 2 * candidates * candidates * d
@@ -332,7 +334,11 @@ def text_shape(config: Any) -> TextShape:
 def vision_shape(config: Any, cls: bool) -> VisionShape:
     """VisionShape of an HF VLM config's ViT tower."""
     v = config.vision_config
-    return VisionShape(v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.image_size, v.patch_size, cls=cls)
+    layers = getattr(config, "vision_feature_layer", -1)
+    feature_layers = 1 if isinstance(layers, int) else len(layers)
+    return VisionShape(
+        v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.image_size, v.patch_size, cls, feature_layers
+    )
 
 
 def shape_of(config: Any, **kwargs: Any) -> ModelShape:
