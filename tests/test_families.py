@@ -232,6 +232,11 @@ def test_hf_generate_paths_equal_plain_greedy(name):
     )
     assert torch.equal(static.sequences, dynamic.sequences)
     assert (torch.stack(static.logits) - torch.stack(dynamic.logits)).abs().max() <= 1e-5
+    # inputs_embeds with images (placeholders found from the embeddings, as HF does)
+    rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).detach()
+    from_embeds = model.generate(inputs_embeds=embeds, **rest, **greedy)
+    assert torch.equal(from_embeds, dynamic.sequences[:, inputs["input_ids"].shape[1] :])
     single = _inputs(name, model, cfg, LAYOUT[:1])
     assert torch.equal(model.generate(**single, **greedy, assistant_model=model), model.generate(**single, **greedy))
     # turn 2 continues from the pruned cache: equal to decoding the whole conversation in one go
