@@ -90,15 +90,14 @@ class PrunedCacheMixin:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         state: SkipKVState = getattr(self, STATE_ATTR)
-        slots = super().get_seq_length(layer_idx)
-        return state.prompt_length + slots - state.num_slots
+        return state.full_length(super().get_seq_length(layer_idx), query_length=0)
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return super().get_seq_length(layer_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
         state: SkipKVState = getattr(self, STATE_ATTR)
-        generated = super().get_seq_length() - state.num_slots
+        generated = self.get_seq_length() - state.prompt_length
         if tokens_to_remove < 0 and -tokens_to_remove > generated:
             raise ValueError(
                 f"cannot crop {-tokens_to_remove} tokens from a Skip KV-cache that holds {generated} tokens after its "
