@@ -110,3 +110,9 @@ def _deterministic():
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """``python -m skipvision ARGS`` in a subprocess, output captured."""
     return subprocess.run([sys.executable, "-m", "skipvision", *args], capture_output=True, text=True)
+
+
+def run_torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=2 --standalone ARGS`` (CPU, gloo) in a subprocess, output captured."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    return subprocess.run([*launch, *args], capture_output=True, text=True, timeout=timeout)

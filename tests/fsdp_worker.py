@@ -22,15 +22,16 @@ from torch.distributed.fsdp import fully_shard
 import skipvision
 from skipvision.data import LlavaCollator, LlavaJsonDataset
 from skipvision.presets import MODEL_PRESETS
+from skipvision.train import load_for_training
 
 SKIP = MODEL_PRESETS["tiny"].skip_vision
 
 
 def load(model_dir: str):
     torch.manual_seed(0)  # the summary scorer is initialised at load time
-    model = skipvision.from_pretrained(model_dir, skip_vision=SKIP)
+    model, processor = load_for_training(model_dir, SKIP)
     skipvision.family_of(model).vision_tower(model).requires_grad_(False)
-    return model, skipvision.load_processor(model_dir, SKIP)
+    return model, processor
 
 
 def batches(processor, data: str, global_batch: int, steps: int):

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, run_torchrun
 
 import skipvision
 from skipvision.data import LlavaCollator, LlavaJsonDataset, make_dataset
@@ -92,34 +90,9 @@ def test_resume_after_a_crash_reproduces_the_loss_curve(setup):
 def test_torchrun_two_processes_stay_in_sync(setup):
     root, base, data = setup
     out = root / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
-        "-m",
-        "skipvision",
-        "train",
-        "--model",
-        str(base),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--save-steps",
-        "2",
-        "--train-vision-tower",
-        "--num-retained",
-        "36",
-        "--num-skipped",
-        "36",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    args = ["-m", "skipvision", "train", "--model", str(base), "--data", str(data), "--out", str(out)]
+    args += ["--max-steps", "2", "--batch-size", "2", "--save-steps", "2", "--train-vision-tower"]
+    result = run_torchrun(*args, "--num-retained", "36", "--num-skipped", "36")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] and summary["steps"] == 2
@@ -154,9 +127,7 @@ def test_fsdp2_two_cpu_processes_match_one_process(setup):
 
     root, base, data = setup
     out = root / "fsdp2"
-    worker = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    args = [fsdp_worker.__file__, str(base), str(data), str(out), "4", "3"]
-    result = subprocess.run(worker + args, capture_output=True, text=True, timeout=300)
+    result = run_torchrun(fsdp_worker.__file__, str(base), str(data), str(out), "4", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "fsdp.json").read_text())
     assert report["sharded_blocks"] > 0 and report["local_params"] < report["params"]  # really sharded
@@ -186,12 +157,9 @@ def test_fsdp_request_is_filled_from_the_model_and_never_silently_dropped(setup)
     assert filled["fsdp_config"]["transformer_layer_cls_to_wrap"] == blocks
     # on this CPU-only machine accelerate would quietly run plain DDP under torchrun; the run refuses instead
     args = '{"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2}}'
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "skipvision"]
     root, base, data = setup
     train_args = ["train", "--model", str(base), "--data", str(data), "--out", str(root / "fsdp-cpu"), "--vanilla"]
-    result = subprocess.run(
-        launch + train_args + ["--training-args", args], capture_output=True, text=True, timeout=300
-    )
+    result = run_torchrun("-m", "skipvision", *train_args, "--training-args", args)
     assert result.returncode != 0 and "FSDP was requested but accelerate set up" in result.stderr
 
 
@@ -209,11 +177,22 @@ def test_deepspeed_zero_two_cpu_processes_match_one_process(setup, one_process_r
     pytest.importorskip("deepspeed")
     root, base, data = setup
     out = root / f"ds-{zero}"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "skipvision"]
-    run = ["train", "--model", str(base), "--data", str(data), "--out", str(out), "--max-steps", "3"]
+    run = [
+        "-m",
+        "skipvision",
+        "train",
+        "--model",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--max-steps",
+        "3",
+    ]
     run += ["--batch-size", "2", "--save-steps", "3", "--logging-steps", "1", "--num-retained", "36"]
     run += ["--num-skipped", "36", "--training-args", json.dumps({"deepspeed": str(CONFIGS / f"{zero}.json")})]
-    result = subprocess.run(launch + run, capture_output=True, text=True, timeout=400)
+    result = run_torchrun(*run, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["engine"]["distributed_type"] == "DEEPSPEED" and summary["world_size"] == 2
