@@ -46,38 +46,29 @@ def _peft():
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> Any:
     """Wrap ``model`` in a PEFT ``PeftModel`` with LoRA on the language model's ``settings.targets``."""
+    from .api import family_of
+
     peft = _peft()
-    names = [name for name, _ in model.named_modules()]
-    layer_path = _language_layers_path(model)
+    modules = dict(model.named_modules())
+    layers = family_of(model).decoder_layers(model)
+    layer_path = next((name for name, module in modules.items() if module is layers), None)
+    if layer_path is None:
+        raise ValueError("the decoder layers are not a submodule of the model")
     pattern = rf"{re.escape(layer_path)}\.\d+\..*\b({'|'.join(settings.targets)})"
-    matched = [n for n in names if re.fullmatch(pattern, n)]
-    if not matched:
+    if not any(re.fullmatch(pattern, name) for name in modules):
         raise ValueError(
             f"no LoRA target among the language model's layers ({layer_path}.N...) is named one of {settings.targets}"
         )
+    present = {name.rsplit(".", 1)[-1] for name in modules}
     config = peft.LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=pattern,
-        modules_to_save=[m for m in FULLY_TRAINED if _has(model, m)],
+        modules_to_save=[name for name in FULLY_TRAINED if name in present],
         bias="none",
     )
     return peft.get_peft_model(model, config)
-
-
-def _has(model: nn.Module, name: str) -> bool:
-    return any(n.split(".")[-1] == name for n, _ in model.named_modules())
-
-
-def _language_layers_path(model: nn.Module) -> str:
-    from .api import family_of
-
-    layers = family_of(model).decoder_layers(model)
-    for name, module in model.named_modules():
-        if module is layers:
-            return name
-    raise ValueError("the decoder layers are not a submodule of the model")
 
 
 def is_peft_model(model: nn.Module) -> bool:
