@@ -5,8 +5,8 @@
 
 Model args: ``pretrained`` (a saved model, vanilla or Skip-Vision), optional ``num_retained`` / ``num_skipped``
 (re-configure the model and its processor, e.g. training-free Skip-Vision on a vanilla checkpoint),
-``skip_kv_cache``. The plugin measures time to first token (the prefill) and time per output token itself and
-reports them through lmms-eval's ``log_metrics``.
+``skip_kv_cache``. The plugin measures time to first token (the prefill) and time per output token itself, within
+the one ``generate`` call that answers (no extra prefill), and reports them through lmms-eval's ``log_metrics``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .api import checkpoint_skip_vision, family_of, from_pretrained, load_processor
 from .config import SkipVisionConfig, vanilla_config
@@ -31,6 +32,20 @@ IMAGE_MARKER = "<image>"
 def manifests() -> list[ModelManifest]:
     """The ``lmms_eval.models`` entry point."""
     return [ModelManifest(model_id="skipvision", simple_class_path="skipvision.lmms_eval_model.SkipVisionLMM")]
+
+
+class _StepClock(LogitsProcessor):
+    """Records when each generation step's logits are ready (it changes nothing): the first is the prefill's."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the step's kernels, not just their launch
+        self.times.append(time.perf_counter())
+        return scores
 
 
 def _flag(value: Any) -> bool:
@@ -116,9 +131,7 @@ class SkipVisionLMM(lmms):
             until = [until] if isinstance(until, str) else list(until)
             max_new_tokens = int(gen_kwargs.pop("max_new_tokens", 128))
             inputs = self._inputs(prompts, images)
-            begin = time.perf_counter()
-            self.model(**inputs, use_cache=True, logits_to_keep=1)  # the prefill alone: time to first token
-            first = time.perf_counter() - begin
+            clock = _StepClock(self._device)
             begin = time.perf_counter()
             out = self.model.generate(
                 **inputs,
@@ -126,13 +139,14 @@ class SkipVisionLMM(lmms):
                 do_sample=False,
                 suppress_tokens=[self.image_token_id],
                 pad_token_id=self.tokenizer.pad_token_id,
+                logits_processor=LogitsProcessorList([clock]),
             )
             seconds = time.perf_counter() - begin
             generated = out[:, inputs["input_ids"].shape[1] :]
-            steps = generated.shape[1]
-            ttft.append(first)
-            if steps > 1:
-                tpot.append(max(seconds - first, 0.0) / (steps - 1))
+            # time to first token: up to the first step's logits (the prefill); then one decode step per token
+            ttft.append(clock.times[0] - begin)
+            if len(clock.times) > 1:
+                tpot.append((clock.times[-1] - clock.times[0]) / (len(clock.times) - 1))
             elapsed += seconds
             for row, i in enumerate(chunk):
                 text = self.tokenizer.decode(generated[row], skip_special_tokens=True)
