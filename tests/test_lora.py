@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from conftest import IMAGE_TOKEN_ID, pair, prompts, run_cli
-from test_training import config, logits_on_batch
+from test_training import config, logits_on_batch, train_cli
 from test_training import setup as setup  # noqa: F401  (the module-scoped fixture)
 
 import skipvision
@@ -116,12 +116,12 @@ def test_lora_run_saves_adapter_and_merged_model_and_resumes(setup):  # noqa: F8
 
 
 def test_lora_cli_options(setup):  # noqa: F811
-    root, base, data = setup
-    common = ["train", "--model", str(base), "--data", str(data), "--max-steps", "1", "--batch-size", "2", "--vanilla"]
-    bad = run_cli(*common, "--out", str(root / "cli-bad"), "--lora-r", "4")
+    root = setup[0]
+    common = ["--max-steps", "1", "--batch-size", "2", "--vanilla"]
+    bad = run_cli(*train_cli(setup, "cli-bad"), *common, "--lora-r", "4")
     assert bad.returncode == 2 and "need --lora" in bad.stderr
-    bad = run_cli(*common, "--out", str(root / "cli-bad2"), "--lora", "--lora-targets", "no_such_proj")
+    bad = run_cli(*train_cli(setup, "cli-bad2"), *common, "--lora", "--lora-targets", "no_such_proj")
     assert bad.returncode == 2 and "no LoRA target" in bad.stderr
-    ok = run_cli(*common, "--out", str(root / "cli-lora"), "--lora", "--lora-r", "4")
+    ok = run_cli(*train_cli(setup, "cli-lora"), *common, "--lora", "--lora-r", "4")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert (root / "cli-lora" / "final" / "config.json").is_file()

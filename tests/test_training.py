@@ -42,6 +42,12 @@ def config(setup, name, **overrides):
     )
 
 
+def train_cli(setup, name: str) -> list[str]:
+    """``train`` arguments for the module's base model and data, into ``<root>/<name>``."""
+    root, base, data = setup
+    return ["train", "--model", str(base), "--data", str(data), "--out", str(root / name)]
+
+
 def logits_on_batch(model_dir, data):
     model = skipvision.from_pretrained(model_dir).eval()
     processor = skipvision.load_processor(model_dir)
@@ -88,9 +94,8 @@ def test_resume_after_a_crash_reproduces_the_loss_curve(setup):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_stay_in_sync(setup):
-    root, base, data = setup
-    out = root / "ddp"
-    args = ["-m", "skipvision", "train", "--model", str(base), "--data", str(data), "--out", str(out)]
+    out = setup[0] / "ddp"
+    args = ["-m", "skipvision", *train_cli(setup, "ddp")]
     args += ["--max-steps", "2", "--batch-size", "2", "--save-steps", "2", "--train-vision-tower"]
     result = run_torchrun(*args, "--num-retained", "36", "--num-skipped", "36")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -99,23 +104,9 @@ def test_torchrun_two_processes_stay_in_sync(setup):
 
 
 def test_cli_rejects_unknown_options_and_bad_settings(setup):
-    root, base, data = setup
-    run = run_cli
-    bad = run("train", "--model", str(base), "--data", str(data), "--out", str(root / "x"), "--retain-ratio", "2")
+    bad = run_cli(*train_cli(setup, "x"), "--retain-ratio", "2")
     assert bad.returncode == 2 and "unrecognized arguments: --retain-ratio" in bad.stderr
-    too_many = run(
-        "train",
-        "--model",
-        str(base),
-        "--data",
-        str(data),
-        "--out",
-        str(root / "x"),
-        "--num-retained",
-        "100",
-        "--num-skipped",
-        "100",
-    )
+    too_many = run_cli(*train_cli(setup, "x"), "--num-retained", "100", "--num-skipped", "100")
     assert too_many.returncode == 2 and "larger than the 144 visual tokens" in too_many.stderr
 
 
@@ -157,9 +148,7 @@ def test_fsdp_request_is_filled_from_the_model_and_never_silently_dropped(setup)
     assert filled["fsdp_config"]["transformer_layer_cls_to_wrap"] == blocks
     # on this CPU-only machine accelerate would quietly run plain DDP under torchrun; the run refuses instead
     args = '{"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2}}'
-    root, base, data = setup
-    train_args = ["train", "--model", str(base), "--data", str(data), "--out", str(root / "fsdp-cpu"), "--vanilla"]
-    result = run_torchrun("-m", "skipvision", *train_args, "--training-args", args)
+    result = run_torchrun("-m", "skipvision", *train_cli(setup, "fsdp-cpu"), "--vanilla", "--training-args", args)
     assert result.returncode != 0 and "FSDP was requested but accelerate set up" in result.stderr
 
 
@@ -175,21 +164,9 @@ def test_deepspeed_zero_two_cpu_processes_match_one_process(setup, one_process_r
     """DeepSpeed's CPU accelerator (gloo) through Trainer: same losses and final weights as one process, and the
     gathered final checkpoint loads and generates (ZeRO-3 holds one sharded copy, gathered at save)."""
     pytest.importorskip("deepspeed")
-    root, base, data = setup
+    root, _, data = setup
     out = root / f"ds-{zero}"
-    run = [
-        "-m",
-        "skipvision",
-        "train",
-        "--model",
-        str(base),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--max-steps",
-        "3",
-    ]
+    run = ["-m", "skipvision", *train_cli(setup, f"ds-{zero}"), "--max-steps", "3"]
     run += ["--batch-size", "2", "--save-steps", "3", "--logging-steps", "1", "--num-retained", "36"]
     run += ["--num-skipped", "36", "--training-args", json.dumps({"deepspeed": str(CONFIGS / f"{zero}.json")})]
     result = run_torchrun(*run, timeout=400)
