@@ -124,3 +124,11 @@ def test_bad_model_args_are_refused(setup):
         SkipVisionLMM(pretrained=str(model_dir), num_retained=4)
     with pytest.raises(ValueError, match="true or false"):
         SkipVisionLMM(pretrained=str(model_dir), skip_kv_cache="maybe")
+
+
+def test_a_task_needs_single_question_records(tmp_path):
+    record = {"id": "r", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "a"}] * 2}
+    data = tmp_path / "multi.json"
+    data.write_text(json.dumps([record]))
+    with pytest.raises(ValueError, match="no record has exactly one question and one answer"):
+        write_task(data, tmp_path / "task")

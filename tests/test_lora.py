@@ -125,3 +125,12 @@ def test_lora_cli_options(setup):  # noqa: F811
     ok = run_cli(*train_cli(setup, "cli-lora"), *common, "--lora", "--lora-r", "4")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert (root / "cli-lora" / "final" / "config.json").is_file()
+
+
+def test_bad_lora_settings_name_the_problem():
+    with pytest.raises(ValueError, match="rank must be at least 1"):
+        LoraSettings(r=0)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        LoraSettings(dropout=1.0)
+    with pytest.raises(ValueError, match="module names such as q_proj"):
+        LoraSettings(targets=("q_proj", "layers.*"))
