@@ -13,7 +13,15 @@ from PIL import Image
 
 import skipvision
 from skipvision import SkipVisionConfig
-from skipvision.presets import MODEL_PRESETS, build_model, build_processor, build_tokenizer, tokenizer_corpus
+from skipvision.presets import (
+    MODEL_PRESETS,
+    QWEN_FAMILIES,
+    QWEN_IMAGE,
+    build_model,
+    build_processor,
+    build_tokenizer,
+    tokenizer_corpus,
+)
 
 # tiny geometry: 56 px tower input / 14 px patches = 16 tokens per pass; anyres grids of 1, 2, 4, 8 tiles
 TEST_SIZES = dict(
@@ -45,19 +53,43 @@ FAMILIES = {
         SkipVisionConfig(num_retained=16, num_skipped=20, selection="position"),
         [(112, 112), (100, 60), (56, 50)],
     ),
+    "llava-inplace": (
+        replace(MODEL_PRESETS["tiny"], **TEST_SIZES),
+        SkipVisionConfig(0.25, layout="inplace", merge="none", summary_tokens=False, selection="grid"),
+        [(56, 56), (80, 40), (60, 60)],
+    ),
 }
+# Qwen-VL: images of different sizes give different token grids (4x8, 6x6, 8x4 merged tokens at 14 px patches)
+QWEN_SIZES = dict(TEST_SIZES, image_size=112)
+QWEN_IMAGES = [(112, 56), (84, 84), (56, 112)]
+INPLACE = SkipVisionConfig(0.25, layout="inplace", merge="none", summary_tokens=False, selection="grid")
+for _family, _preset in (("qwen2.5-vl", "tiny-qwen2.5-vl"), ("qwen3-vl", "tiny-qwen3-vl")):
+    _sizes = QWEN_SIZES if _family == "qwen2.5-vl" else dict(QWEN_SIZES, image_size=128, patch_size=16)
+    _images = QWEN_IMAGES if _family == "qwen2.5-vl" else [(128, 64), (96, 96), (64, 128)]
+    FAMILIES[_family] = (
+        replace(MODEL_PRESETS[_preset], **_sizes),
+        SkipVisionConfig(0.25, 3, selection="grid"),
+        _images,
+    )
+    FAMILIES[f"{_family}-inplace"] = (replace(MODEL_PRESETS[_preset], **_sizes), INPLACE, _images)
 
 
 @functools.cache
-def tokenizer():
-    return build_tokenizer(tokenizer_corpus())
+def tokenizer(family: str = "llava"):
+    return build_tokenizer(tokenizer_corpus(), family=family if family in QWEN_FAMILIES else "llava")
+
+
+def image_marker(family: str) -> str:
+    return QWEN_IMAGE if FAMILIES[family][0].family in QWEN_FAMILIES else "<image>"
 
 
 def vanilla_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     preset = FAMILIES[family][0]
-    model = build_model(preset, tokenizer(), seed=seed).to(dtype).eval()
+    model = build_model(preset, tokenizer(preset.family), seed=seed).to(dtype).eval()
     with torch.no_grad():  # larger random projector so images matter visibly in the logits
-        for p in model.model.multi_modal_projector.parameters():
+        inner = model.model
+        projector = inner.multi_modal_projector if hasattr(inner, "multi_modal_projector") else inner.visual.merger
+        for p in projector.parameters():
             p.mul_(4.0)
     return model
 
@@ -76,7 +108,8 @@ def pair(family: str, cfg: SkipVisionConfig | None = None, dtype: torch.dtype = 
 
 
 def processor(family: str, cfg: SkipVisionConfig | None, model_config=None):
-    proc = build_processor(FAMILIES[family][0], tokenizer())
+    preset = FAMILIES[family][0]
+    proc = build_processor(preset, tokenizer(preset.family))
     proc.tokenizer.padding_side = "left"
     if cfg is not None:
         skipvision.configure_processor(proc, cfg, model_config)
@@ -101,7 +134,7 @@ def batch(
     sizes = FAMILIES[family][2]
     texts, all_images, k = [], [], 0
     for n, text in samples:
-        texts.append("<image>" * n + text)
+        texts.append(image_marker(family) * n + text)
         for _ in range(n):
             all_images.append(sizes[k % len(sizes)])
             k += 1

@@ -10,6 +10,7 @@ import torch
 from .selection import SELECTIONS, selection_strategy
 
 MERGES = ("tome", "none")
+LAYOUTS = ("full", "inplace")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class ImageLayout:
     skipped: int
     summary_tokens: bool
     native: bool = False
+    in_place: bool = False
 
     @property
     def total(self) -> int:
@@ -36,7 +38,9 @@ class ImageLayout:
         return start, start + self.skipped
 
     def skipped_flags(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """``(total,)`` bool: which of the image's placeholders are skipped."""
+        """``(total,)`` bool: which of the image's placeholders are skipped (full layout: a span)."""
+        if self.in_place:
+            raise ValueError("in the in-place layout the selection, not a span, says which tokens are skipped")
         flags = torch.zeros(self.total, dtype=torch.bool, device=device)
         flags[slice(*self.skipped_span)] = True
         return flags
@@ -46,11 +50,12 @@ class ImageLayout:
 class VisionFacts:
     """What a model family's vision side allows, for validating a config against a model.
 
-    ``eligible_tokens``: tokens of each image that may be retained (LLaVA-1.5: all V; LLaVA-NeXT: the base image).
+    ``eligible_tokens``: tokens of each image that may be retained (LLaVA-1.5: all V; LLaVA-NeXT: the base image;
+    None when it varies with the image size, as for Qwen-VL).
     ``fixed_visual_tokens``: V when every image yields the same count, None when it depends on the image size.
     """
 
-    eligible_tokens: int
+    eligible_tokens: int | None
     fixed_visual_tokens: int | None
     has_cls: bool
     num_layers: int
@@ -66,32 +71,67 @@ class SkipVisionConfig:
 
     Args:
         num_retained: N_r, visual tokens that keep full transformer blocks, chosen among the family's eligible
-            tokens (LLaVA-1.5: all patches; LLaVA-NeXT/OneVision: the base image). ``None`` keeps every visual
-            token in the family's own layout (exactly the vanilla model; needs ``num_skipped=0``).
+            tokens (LLaVA-1.5: all patches; LLaVA-NeXT/OneVision: the base image). A float in (0, 1] is a fraction
+            of each image's eligible tokens (rounded, at least 1), for towers whose token count varies with the
+            image size (Qwen-VL). ``None`` keeps every visual token in the family's own layout (exactly the vanilla
+            model; needs ``num_skipped=0``).
         num_skipped: N_s, skipped tokens after merging the skip candidates (every visual token not in R). An image
-            with fewer candidates than N_s (a small LLaVA-NeXT image) skips all of them, unmerged.
+            with fewer candidates than N_s (a small LLaVA-NeXT image) skips all of them, unmerged. ``None``: every
+            candidate is skipped, unmerged (the in-place layout's only setting).
         selection: ``"cls_attention"`` keeps the N_r eligible tokens with the largest CLS attention in the vision
-            layer used for features (VisionZip "dominant" tokens); ``"position"`` keeps the first N_r in raster
-            order. Irrelevant when N_r equals the eligible tokens.
+            layer used for features (VisionZip "dominant" tokens); ``"grid"`` keeps a regular sub-grid of the
+            image's token grid (every 2nd row and column first, then the grid in between; needs no CLS, see
+            ``selection.grid_scores``); ``"position"`` keeps the first N_r in raster order. Irrelevant when N_r
+            equals the eligible tokens.
         merge: ``"tome"`` merges the candidates down to N_s with one-shot bipartite matching; ``"none"`` needs
             at most N_s candidates.
         summary_tokens: add the two attention-pooled summary tokens sigma_R and sigma_S.
         skip_kv_cache: after prefill, remove the skipped tokens' keys/values from the cache.
         skip_layers: decoder layers where S bypasses the FFN; ``None`` means all layers.
+        layout: ``"full"`` assembles ``[R, sigma_R, S, sigma_S]`` per image (the processor expands each image to
+            that count); ``"inplace"`` leaves every visual token where the HF processor put it, with its own
+            position, and only marks the non-retained ones as skipped (no merge, no summary tokens, no processor or
+            position change: works on any HF VLM with Llama-style decoder layers).
     """
 
-    num_retained: int | None
-    num_skipped: int
+    num_retained: int | float | None
+    num_skipped: int | None = None
     selection: str = "cls_attention"
     merge: str = "tome"
     summary_tokens: bool = True
     skip_kv_cache: bool = True
     skip_layers: tuple[int, ...] | None = None
+    layout: str = "full"
 
     def __post_init__(self) -> None:
-        if self.num_retained is not None:
+        if isinstance(self.num_retained, float):
+            if not 0.0 < self.num_retained <= 1.0:
+                raise ValueError(
+                    f"num_retained as a fraction of each image's tokens must be in (0, 1], got {self.num_retained}"
+                )
+        elif self.num_retained is not None:
             _check_count("num_retained", self.num_retained)
-        _check_count("num_skipped", self.num_skipped)
+        if self.num_skipped is not None:
+            _check_count("num_skipped", self.num_skipped)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; choose one of {LAYOUTS}")
+        if self.layout == "inplace":
+            if self.num_retained is None:
+                raise ValueError("layout='inplace' needs num_retained (an int or a fraction of each image's tokens)")
+            wrong = {
+                k: v
+                for k, v in (
+                    ("num_skipped", self.num_skipped),
+                    ("merge", self.merge),
+                    ("summary_tokens", self.summary_tokens),
+                )
+                if v != {"num_skipped": None, "merge": "none", "summary_tokens": False}[k]
+            }
+            if wrong:
+                raise ValueError(
+                    "layout='inplace' keeps every visual token in place and skips all that are not retained, so it "
+                    f"needs num_skipped=None, merge='none' and summary_tokens=False; got {wrong}"
+                )
         if self.selection not in SELECTIONS:
             raise ValueError(f"unknown selection {self.selection!r}; choose one of {tuple(SELECTIONS)}")
         if self.merge not in MERGES:
@@ -100,13 +140,13 @@ class SkipVisionConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.num_retained is None:
-            if self.num_skipped or self.summary_tokens:
+            if self.num_skipped is None or self.num_skipped or self.summary_tokens:
                 raise ValueError(
                     "num_retained=None keeps every visual token in the model's own layout, so it needs "
                     f"num_skipped=0 and summary_tokens=False (got num_skipped={self.num_skipped}, "
                     f"summary_tokens={self.summary_tokens})"
                 )
-        elif self.num_retained + self.num_skipped == 0:
+        elif self.num_retained == 0 and not self.num_skipped and self.num_skipped is not None:
             raise ValueError("num_retained + num_skipped must be at least 1: an image needs some tokens")
         elif self.summary_tokens and (self.num_retained == 0 or self.num_skipped == 0):
             raise ValueError(
@@ -128,27 +168,46 @@ class SkipVisionConfig:
         """True when every visual token is kept in the family's own layout (the vanilla model)."""
         return self.num_retained is None
 
+    @property
+    def in_place(self) -> bool:
+        """True when the model's own token layout is kept (vanilla or ``layout='inplace'``): nothing is assembled,
+        the processor's counts and the model's positions stay HF's."""
+        return self.num_retained is None or self.layout == "inplace"
+
+    def retained_count(self, eligible: int) -> int:
+        """N_r for an image with ``eligible`` retainable tokens (a fraction is rounded, at least 1)."""
+        if self.num_retained is None:
+            return eligible
+        if isinstance(self.num_retained, float):
+            return min(eligible, max(1, round(self.num_retained * eligible)))
+        return self.num_retained
+
     # --- token layout of one image -----------------------------------------------------------------------------
-    def image_layout(self, visual_tokens: int) -> ImageLayout:
-        """Layout of an image whose tower + projector yield ``visual_tokens`` tokens (V).
+    def image_layout(self, visual_tokens: int, eligible: int | None = None) -> ImageLayout:
+        """Layout of an image whose tower + projector yield ``visual_tokens`` tokens (V), ``eligible`` of which
+        may be retained (default: all; a fraction ``num_retained`` is a fraction of these).
 
         The skip candidates are the ``V - N_r`` tokens not retained; they are merged down to N_s, or all skipped
         unmerged when there are no more than N_s. An image with no candidates is its retained tokens alone.
         """
         if self.num_retained is None:
             return ImageLayout(visual_tokens, 0, False, native=True)
-        candidates = visual_tokens - self.num_retained
+        retained = self.retained_count(visual_tokens if eligible is None else eligible)
+        candidates = visual_tokens - retained
         if candidates < 0:
-            raise ValueError(
-                f"num_retained ({self.num_retained}) is larger than the {visual_tokens} visual tokens of an image"
-            )
-        skipped = min(self.num_skipped, candidates)
-        return ImageLayout(self.num_retained, skipped, self.summary_tokens and skipped > 0)
+            raise ValueError(f"num_retained ({retained}) is larger than the {visual_tokens} visual tokens of an image")
+        if self.layout == "inplace":
+            return ImageLayout(retained, candidates, False, in_place=True)
+        skipped = candidates if self.num_skipped is None else min(self.num_skipped, candidates)
+        return ImageLayout(retained, skipped, self.summary_tokens and skipped > 0)
 
     def full_layout(self) -> ImageLayout:
         """Layout of an image with at least N_s skip candidates (every image of a fixed-size tower)."""
-        if self.num_retained is None:
-            raise ValueError("num_retained=None keeps the model's own layout; its token count depends on the model")
+        if self.num_retained is None or isinstance(self.num_retained, float) or self.num_skipped is None:
+            raise ValueError(
+                "the per-image token count depends on the image's visual tokens V for this config "
+                f"(num_retained={self.num_retained}, num_skipped={self.num_skipped}); use config.image_layout(V)"
+            )
         return self.image_layout(self.num_retained + self.num_skipped)
 
     @property
@@ -164,25 +223,28 @@ class SkipVisionConfig:
     def check_against(self, facts: VisionFacts) -> None:
         """Raise ``ValueError`` if this config cannot run on a model with these properties."""
         if self.num_retained is not None:
-            if self.num_retained > facts.eligible_tokens:
+            eligible = facts.eligible_tokens
+            fraction = isinstance(self.num_retained, float)
+            if eligible is not None and not fraction and self.num_retained > eligible:
                 where = "" if facts.fixed_visual_tokens else " (the base image's tokens)"
                 raise ValueError(
-                    f"num_retained ({self.num_retained}) is larger than the {facts.eligible_tokens} tokens the "
+                    f"num_retained ({self.num_retained}) is larger than the {eligible} tokens the "
                     f"model can retain per image{where}"
                 )
             fixed = facts.fixed_visual_tokens
-            if fixed is not None:
-                if self.num_retained + self.num_skipped > fixed:
+            retained = self.retained_count(eligible) if eligible is not None else None
+            if fixed is not None and self.num_skipped is not None and self.layout == "full":
+                if retained + self.num_skipped > fixed:
                     raise ValueError(
-                        f"num_retained ({self.num_retained}) + num_skipped ({self.num_skipped}) is larger than the "
+                        f"num_retained ({retained}) + num_skipped ({self.num_skipped}) is larger than the "
                         f"{fixed} visual tokens the vision tower produces"
                     )
-                candidates = fixed - self.num_retained
+                candidates = fixed - retained
                 if self.merge == "none" and candidates != self.num_skipped:
                     raise ValueError(
                         f"merge='none' needs num_skipped == the {candidates} skip candidates "
-                        f"({fixed} visual tokens - {self.num_retained} retained); got num_skipped={self.num_skipped}. "
-                        "Use merge='tome' to merge the candidates down to num_skipped."
+                        f"({fixed} visual tokens - {retained} retained); got num_skipped={self.num_skipped}. "
+                        "Use merge='tome' to merge the candidates down to num_skipped, or num_skipped=None."
                     )
             if self.num_skipped == 0:
                 if fixed is None:
@@ -190,17 +252,19 @@ class SkipVisionConfig:
                         "num_skipped=0 leaves no room for the skip candidates (the tiles' tokens always are some); "
                         "use num_retained=None to keep every visual token, or num_skipped >= 1"
                     )
-                if self.merge == "tome" and self.num_retained < fixed:
+                if self.merge == "tome" and retained < fixed:
                     raise ValueError(
-                        f"merge='tome' cannot merge {fixed - self.num_retained} skip candidates into num_skipped=0 "
+                        f"merge='tome' cannot merge {fixed - retained} skip candidates into num_skipped=0 "
                         f"tokens; set num_retained={fixed} to keep every token, or num_skipped >= 1"
                     )
             strategy = selection_strategy(self.selection)
-            if strategy.needs_cls and not facts.has_cls and self.num_retained < facts.eligible_tokens:
+            ranks = eligible is None or fraction and self.num_retained < 1.0 or retained < eligible
+            if strategy.needs_cls and not facts.has_cls and ranks:
                 raise ValueError(
                     f"selection={self.selection!r} needs a vision tower with a CLS token whose features drop it "
                     "(CLIP with vision_feature_select_strategy='default' and one feature layer); use "
-                    "selection='position' for towers without CLS such as SigLIP"
+                    "selection='grid' (a regular sub-grid of each image) for towers without CLS such as SigLIP "
+                    "or Qwen-VL's"
                 )
         if self.skip_layers and max(self.skip_layers) >= facts.num_layers:
             raise ValueError(

@@ -6,22 +6,23 @@ occupies the k-th run of its length among all placeholders; nothing depends on o
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import SkipVisionConfig
 
 
-def image_token_counts(is_image: torch.Tensor, config: SkipVisionConfig) -> torch.Tensor:
-    """Images per sample for a fixed per-image count, from the ``(batch, seq)`` placeholder mask, checking whole
-    image spans. Returns ``(batch,)``."""
+def image_token_counts(is_image: torch.Tensor, span: int, config: SkipVisionConfig) -> torch.Tensor:
+    """Images per sample for a fixed per-image count of ``span`` placeholders, from the ``(batch, seq)``
+    placeholder mask, checking whole image spans. Returns ``(batch,)``."""
     per_sample = is_image.sum(dim=1)
-    span = config.num_image_tokens
     bad = (per_sample % span).nonzero()
     if bad.numel():
         b = int(bad[0, 0])
         raise ValueError(
             f"sample {b} has {int(per_sample[b])} image placeholder tokens, which is not a multiple of "
-            f"{span} = num_image_tokens(config) (N_r={config.num_retained} + N_s={config.num_skipped}"
+            f"{span}, an image's placeholder count (N_r={config.num_retained}, N_s={config.num_skipped}"
             f"{' + 2 summary tokens' if config.summary_tokens else ''}); expand each <image> to exactly {span} tokens "
             "(see skipvision.configure_processor)"
         )
@@ -83,3 +84,22 @@ def scatter_image_flags(is_image: torch.Tensor, flags: torch.Tensor) -> torch.Te
     mask = torch.zeros_like(is_image)
     mask[is_image] = flags
     return mask
+
+
+def placeholder_runs(is_image: torch.Tensor) -> list[int]:
+    """Lengths of the unbroken runs of placeholders (row-major; a run never spans two samples)."""
+    counts: list[int] = []
+    for row in is_image:
+        flat = row.nonzero().squeeze(1)
+        if flat.numel() == 0:
+            continue
+        breaks = ((flat[1:] - flat[:-1]) != 1).nonzero().squeeze(1) + 1
+        edges = [0, *breaks.tolist(), flat.numel()]
+        counts.extend(b - a for a, b in zip(edges[:-1], edges[1:]))
+    return counts
+
+
+def square_grid(tokens: int) -> tuple[int, int, int] | None:
+    """``(1, s, s)`` when ``tokens`` is a perfect square ``s * s``, else None (no known grid)."""
+    side = math.isqrt(tokens)
+    return (1, side, side) if side * side == tokens else None

@@ -9,6 +9,7 @@ No transformers modeling code is copied.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -16,17 +17,20 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig, ProcessorMixin
+from transformers import AutoConfig, GenerationMixin, PretrainedConfig, ProcessorMixin
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_masks_for_generate
 
 from .config import SkipVisionConfig, VisionFacts
-from .layout import check_image_spans, image_token_counts, scatter_image_flags
+from .layout import check_image_spans, image_token_counts, placeholder_runs, scatter_image_flags, square_grid
 from .selection import selection_strategy
-from .sequence import ImageSequence, ImageTokens, assemble
+from .sequence import ImageSequence, ImageTokens, assemble, in_place_flags
 from .skip_ffn import FFN_ROWS_KWARG, enable_skip_ffn, ffn_rows
 from .skip_kv import cache_slots, generated_rows_mask, prune_skipped_kv, skip_kv_state
 from .summary import SummaryScorer
+
+#: the 2-D padding mask ``generate`` passes along when it hands the forward a prepared 4-D mask (static caches)
+PADDING_MASK_KWARG = "skip_vision_padding_mask"
 
 
 class Family:
@@ -42,10 +46,20 @@ class Family:
     processor_class: type  # HF processor whose placeholder count the family sets
     skip_class: type  # set by the family module: SkipVisionMixin + hf_class
     image_input_names: tuple[str, ...] = ()  # forward kwargs that describe the images (image_sizes, ...)
+    unsupported_inputs: tuple[str, ...] = ()  # forward kwargs the full layout refuses (videos)
+
+    #: the family can assemble ``[R, sigma_R, S, sigma_S]`` (layout="full"); in-place-only families cannot
+    supports_full_layout: ClassVar[bool] = True
+    #: positions are M-RoPE ``(3 or 4, batch, seq)`` ids, not 1-D ones
+    uses_mrope: ClassVar[bool] = False
 
     # --- structure ----------------------------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.language_model.layers
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The text model that runs the decoder layers."""
+        return model.model.language_model
 
     def image_token_id(self, config: PretrainedConfig) -> int:
         return config.image_token_id
@@ -120,11 +134,57 @@ class Family:
         scores. With ``config.native`` the tokens are exactly what the HF model scatters."""
         raise NotImplementedError
 
+    def image_blocks(
+        self, config: PretrainedConfig, is_image: torch.Tensor, image_inputs: dict[str, Any]
+    ) -> list[tuple[int, tuple[int, int, int] | None]]:
+        """``(tokens, (t, h, w) grid or None)`` of every image block among the placeholders, in placeholder order:
+        what the in-place layout selects within. Default: blocks of the fixed per-image count, or else each
+        unbroken run of placeholders; square blocks get a square grid."""
+        fixed = self.vision_facts(config).fixed_visual_tokens
+        if fixed is not None:
+            total = int(is_image.sum())
+            if total % fixed:
+                raise ValueError(
+                    f"input_ids hold {total} image placeholder tokens, not a multiple of the {fixed} tokens of an image"
+                )
+            counts = [fixed] * (total // fixed)
+        else:
+            counts = placeholder_runs(is_image)
+        return [(count, square_grid(count)) for count in counts]
+
+    # --- positions ----------------------------------------------------------------------------------------------
+    def rope_position_ids(self, model: nn.Module, text_positions: torch.Tensor) -> torch.Tensor:
+        """Position ids the model takes for tokens after the prompt, from their 1-D text positions."""
+        return text_positions
+
+    def layout_position_ids(
+        self,
+        model: nn.Module,
+        is_image: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        sequences: list[ImageSequence],
+        image_inputs: dict[str, Any],
+    ) -> torch.Tensor | None:
+        """Prefill position ids for the full layout, when the family's positions depend on the image layout
+        (M-RoPE); None for 1-D positions (the usual ``cumsum(mask) - 1``)."""
+        return None
+
+    def language_model_context(
+        self, model: nn.Module, is_image: torch.Tensor, sequences: list[ImageSequence]
+    ) -> contextlib.AbstractContextManager:
+        """A context for the full layout's forward that hands the text model what the HF model would have
+        derived from the images itself (Qwen3-VL's deepstack features); nothing by default."""
+        return contextlib.nullcontext()
+
     # --- processor ----------------------------------------------------------------------------------------------
     def configure_processor(
         self, processor: ProcessorMixin, config: SkipVisionConfig, model_config: PretrainedConfig | None
     ) -> ProcessorMixin:
         raise NotImplementedError
+
+    def extra_newlines(self, processor: ProcessorMixin, image_inputs: dict, image_idx: int) -> int:
+        """Row-newline tokens the HF processor counts in an image's expansion besides its visual tokens."""
+        return 0
 
     def save_processor(self, processor: ProcessorMixin, path: str | os.PathLike) -> None:
         processor.save_pretrained(path)
@@ -260,23 +320,34 @@ class SkipVisionMixin:
         **image_inputs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(inputs_embeds, skipped)``: token embeddings with each image's sequence scattered into its
-        placeholders, and the ``(batch, seq)`` boolean mask of skipped tokens.
+        placeholders, and the ``(batch, seq)`` boolean mask of skipped tokens (the full layout's embedding).
 
         The placeholders come from ``input_ids``; without them (``generate(inputs_embeds=...)``) from the
         embeddings equal to the image token's, as HF finds them. Given ``inputs_embeds`` are the text embeddings.
         """
+        embeds, skipped, _, _ = self._embed_multimodal(input_ids, pixel_values, inputs_embeds, image_inputs)
+        return embeds, skipped
+
+    def skipped_mask(
+        self, input_ids: torch.LongTensor | None, pixel_values: torch.Tensor | None = None, **image_inputs: Any
+    ) -> torch.Tensor:
+        """The ``(batch, seq)`` boolean mask of the skipped tokens of these inputs, in any layout."""
+        if self.skip_vision_config.in_place:
+            return self._in_place_skipped(input_ids, None, pixel_values, image_inputs)
+        return self.embed_multimodal(input_ids, pixel_values, **image_inputs)[1]
+
+    def _check_image_count(self, is_image: torch.Tensor, pixel_values: Any, image_inputs: dict[str, Any]) -> int:
         cfg = self.skip_vision_config
-        family = self.skip_vision_family
-        is_image = self.image_placeholder_mask(input_ids, inputs_embeds)
         if pixel_values is not None:
             self._check_image_inputs(pixel_values, image_inputs)
-        provided = family.num_images(pixel_values, image_inputs)
+        provided = self.skip_vision_family.num_images(pixel_values, image_inputs)
         fixed = self.skip_vision_facts().fixed_visual_tokens
-        if fixed is not None and not cfg.native:  # fixed count: check before running the tower
-            expected = int(image_token_counts(is_image, cfg).sum())
+        if fixed is not None and not cfg.in_place:  # fixed count: check before running the tower
+            span = cfg.image_layout(fixed).total
+            expected = int(image_token_counts(is_image, span, cfg).sum())
             if expected != provided:
                 raise ValueError(
-                    f"input_ids hold placeholders for {expected} image(s) ({cfg.num_image_tokens} tokens each) "
+                    f"input_ids hold placeholders for {expected} image(s) ({span} tokens each) "
                     f"but {provided} image(s) were given in pixel_values"
                 )
         elif provided == 0 and bool(is_image.any()):
@@ -284,16 +355,51 @@ class SkipVisionMixin:
                 f"input_ids hold {int(is_image.sum())} image placeholder tokens but no images were given "
                 "(pixel_values is None)"
             )
+        return provided
+
+    def _embed_multimodal(
+        self,
+        input_ids: torch.LongTensor | None,
+        pixel_values: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        image_inputs: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor, list[ImageSequence], torch.Tensor]:
+        is_image = self.image_placeholder_mask(input_ids, inputs_embeds)
+        provided = self._check_image_count(is_image, pixel_values, image_inputs)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         skipped = torch.zeros_like(is_image)
+        sequences: list[ImageSequence] = []
         if provided:
             sequences = self._image_sequences(pixel_values, image_inputs)
             check_image_spans(is_image, [s.embeds.shape[0] for s in sequences])
             image_embeds = torch.cat([s.embeds for s in sequences]).to(inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds)
             skipped = scatter_image_flags(is_image, torch.cat([s.skipped for s in sequences]))
-        return inputs_embeds, skipped
+        return inputs_embeds, skipped, sequences, is_image
+
+    def _in_place_skipped(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        pixel_values: Any,
+        image_inputs: dict[str, Any],
+    ) -> torch.Tensor:
+        """The in-place layout's skipped mask: the non-retained tokens of each image block, where they are."""
+        cfg = self.skip_vision_config
+        is_image = self.image_placeholder_mask(input_ids, inputs_embeds)
+        provided = self._check_image_count(is_image, pixel_values, image_inputs)
+        if cfg.native or not provided:
+            return torch.zeros_like(is_image)
+        blocks = self.skip_vision_family.image_blocks(self.config, is_image, image_inputs)
+        counts = [count for count, _ in blocks]
+        if sum(counts) != int(is_image.sum()):
+            raise ValueError(
+                f"input_ids hold {int(is_image.sum())} image placeholder tokens but the {provided} image(s) given "
+                f"have {sum(counts)} visual tokens; expand each image with the model's own processor"
+            )
+        flags = in_place_flags(counts, [grid for _, grid in blocks], cfg, is_image.device)
+        return scatter_image_flags(is_image, flags)
 
     def image_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None = None
@@ -344,7 +450,7 @@ class SkipVisionMixin:
         # from the image instead of failing on placeholders without pixels)
         if not is_first_iteration and kwargs.get("pixel_values") is not None:
             is_first_iteration = not isinstance(past_key_values, Cache) or cache_slots(past_key_values) == 0
-        return super().prepare_inputs_for_generation(
+        model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             next_sequence_length=next_sequence_length,
             past_key_values=past_key_values,
@@ -353,6 +459,11 @@ class SkipVisionMixin:
             is_first_iteration=is_first_iteration,
             **kwargs,
         )
+        prepared = model_inputs.get("attention_mask")
+        if mask is not None and not (isinstance(prepared, torch.Tensor) and prepared.ndim == 2):
+            # a compileable cache gets its 4-D mask built here; the prefill still needs the padding it came from
+            model_inputs[PADDING_MASK_KWARG] = mask
+        return model_inputs
 
     def generate(self, *args: Any, **kwargs: Any):
         # Assisted and prompt-lookup decoding verify their first drafts in the prefill forward. Those tokens are
@@ -367,6 +478,14 @@ class SkipVisionMixin:
             return super().generate(*args, **kwargs)
         finally:
             self._skip_vision_prompt_length = previous
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict[str, Any]):
+        # The full layout changes each image's token count, so an M-RoPE family's own 3-D positions (computed from
+        # the processor's grid before any image is seen) do not apply: generate carries 1-D text positions and the
+        # forward turns them into the layout's M-RoPE positions (prefill) or text + rope delta (decode).
+        if self.skip_vision_family.uses_mrope and not self.skip_vision_config.in_place:
+            return GenerationMixin._prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs)
+        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
 
     def create_masks_for_generate(
         self, *, inputs_embeds: torch.Tensor, attention_mask: Any, past_key_values: Any, **kwargs
@@ -398,6 +517,9 @@ class SkipVisionMixin:
         # the settings are parsed only where images are (a decode step, possibly compiled, needs none of them)
         image_inputs = {k: kwargs.pop(k) for k in self.skip_vision_family.image_input_names if k in kwargs}
         image_inputs = {k: v for k, v in image_inputs.items() if v is not None}
+        mask_2d = kwargs.pop(PADDING_MASK_KWARG, None)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+            mask_2d = attention_mask
         cache = past_key_values if isinstance(past_key_values, Cache) else None
         state = skip_kv_state(cache)
         if input_ids is None and inputs_embeds is None:
@@ -415,15 +537,43 @@ class SkipVisionMixin:
                     "tokens once, right after the prefill of an empty cache, so a later turn cannot add images to it. "
                     "Prefill a new cache with the whole conversation, or set skip_kv_cache=False."
                 )
-        if pixel_values is not None or (
+        cfg = None
+        context: contextlib.AbstractContextManager = contextlib.nullcontext()
+        family = self.skip_vision_family
+        is_prefill = pixel_values is not None or (
             input_ids is not None and not torch.compiler.is_compiling() and (cache is None or cache_slots(cache) == 0)
-        ):
-            # a prefill: embed here, so placeholders without images are an error and never a silent text token
-            inputs_embeds, skipped = self.embed_multimodal(input_ids, pixel_values, inputs_embeds, **image_inputs)
-            input_ids = None
+        )
+        if is_prefill:
+            cfg = self.skip_vision_config
+            if cfg.in_place:
+                # the model's own layout: HF embeds the images and places them; only the skipped tokens are marked
+                skipped = self._in_place_skipped(input_ids, inputs_embeds, pixel_values, image_inputs)
+                kwargs.update(image_inputs)
+                if pixel_values is not None:
+                    kwargs["pixel_values"] = pixel_values
+            else:
+                # a prefill: embed here, so placeholders without images are an error and never a silent text token
+                for name in family.unsupported_inputs:
+                    if kwargs.get(name) is not None:
+                        raise ValueError(
+                            f"{name} is not supported by Skip-Vision's full layout; use layout='inplace' "
+                            "(which leaves them to the HF model)"
+                        )
+                inputs_embeds, skipped, sequences, is_image = self._embed_multimodal(
+                    input_ids, pixel_values, inputs_embeds, image_inputs
+                )
+                if family.uses_mrope and (position_ids is None or position_ids.ndim == 2):
+                    # given 3-D positions are the caller's own; 1-D ones (generate's) are only the text axis
+                    position_ids = family.layout_position_ids(self, is_image, mask_2d, sequences, image_inputs)
+                if sequences:
+                    context = family.language_model_context(self, is_image, sequences)
+                input_ids = None
+        elif isinstance(position_ids, torch.Tensor) and position_ids.ndim == 2 and family.uses_mrope:
+            # a decode step of the full layout: generate passes text positions (see _prepare_position_ids_...)
+            position_ids = family.rope_position_ids(self, position_ids)
 
         has_skipped = skipped is not None and bool(skipped.any())
-        prunes = has_skipped and self.skip_vision_config.skip_kv_cache and not self.training and use_cache is not False
+        prunes = has_skipped and cfg is not None and cfg.skip_kv_cache and not self.training and use_cache is not False
         padding = None
         if isinstance(attention_mask, torch.Tensor) and skipped is not None and attention_mask.shape == skipped.shape:
             padding = attention_mask == 0
@@ -432,7 +582,7 @@ class SkipVisionMixin:
             prompt_length = self._skip_vision_prompt_length
             if prunes and prompt_length is not None and skipped.shape[1] > prompt_length:
                 # a prefill that carries drafted tokens (assisted decoding): they must not see S, as when decoded
-                attention_mask = generated_rows_mask(attention_mask, skipped, prompt_length, inputs_embeds.dtype)
+                attention_mask = generated_rows_mask(attention_mask, skipped, prompt_length, self.dtype)
         elif self.training and self.summary_scorer is not None and inputs_embeds is not None:
             # text-only batch: touch the scorer so every DDP/ZeRO rank reduces the same parameters
             touch = sum(p.sum() for p in self.summary_scorer.parameters())
@@ -442,19 +592,20 @@ class SkipVisionMixin:
             query_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             slots = cache_slots(cache)
             if position_ids is None:
-                position_ids = state.positions(attention_mask, slots, query_length)
+                position_ids = family.rope_position_ids(self, state.positions(attention_mask, slots, query_length))
             attention_mask = state.compact_attention_mask(attention_mask, slots, query_length)
 
-        outputs = super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            **kwargs,
-        )
+        with context:
+            outputs = super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                **kwargs,
+            )
         # training forwards also return a cache (config.use_cache); nobody decodes from it, so do not prune it
         if isinstance(outputs, tuple):  # return_dict=False: the cache is one of the tuple's entries
             returned = next((entry for entry in outputs if isinstance(entry, Cache)), None)
@@ -520,7 +671,7 @@ def selection_scores(
     pass's tokens. Returns ``(run_tower's result, scores (passes, tokens) or None)``.
     """
     strategy = selection_strategy(config.selection)
-    ranks = not config.native and config.num_retained < eligible
+    ranks = not config.native and config.retained_count(eligible) < eligible
     attentions = family.selection_attentions(model) if strategy.needs_cls and ranks else []
     scores: list[list[torch.Tensor]] = [[] for _ in attentions]
 

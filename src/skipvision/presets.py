@@ -18,22 +18,34 @@ from transformers import (
     LlavaNextProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2Config,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
     SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from .api import save_processor
 from .config import SkipVisionConfig
-from .families.llava_onevision import image_only_processor
+from .families.processor import image_only_processor
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+#: Qwen-VL wraps each image in these (its M-RoPE gives each run of image tokens one image's grid); added after the
+#: shared vocabulary, so the other families' tokenizers stay as they are
+QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]
+QWEN_IMAGE = "<|vision_start|><image><|vision_end|>"
 
 # HF chat template; {% generation %} marks what the assistant says, so label masks come from
 # tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True). A message's content is a string with
@@ -50,6 +62,18 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+
+
+def chat_template(image: str = "<image>") -> str:
+    """The chat template, writing each image as ``image`` (Qwen-VL: wrapped in vision start/end tokens)."""
+    if image == "<image>":
+        return CHAT_TEMPLATE
+    return CHAT_TEMPLATE.replace("{{ content }}", "{{ content | replace('<image>', '" + image + "') }}").replace(
+        "<image>\n{% elif", image + "\n{% elif"
+    )
+
+
+QWEN_FAMILIES = ("qwen2.5-vl", "qwen3-vl")
 
 
 @dataclass(frozen=True)
@@ -76,7 +100,10 @@ class ModelPreset:
 
     @property
     def visual_tokens(self) -> int:
-        """Tokens of one tower pass (the base image)."""
+        """Tokens of one tower pass (the base image; Qwen-VL: an image of ``image_size`` squared, after the 2x2
+        merge)."""
+        if self.family in QWEN_FAMILIES:
+            return (self.image_size // (2 * self.patch_size)) ** 2
         return (self.image_size // self.patch_size) ** 2
 
     @property
@@ -127,11 +154,21 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
         grid=ANYRES_GRID,
         data_image_size=224,
     ),
+    # Qwen2.5-VL in miniature: dynamic resolution up to 168 px (6x6 merged tokens = 36 for the demo's scenes; a
+    # 14 px patch, 2x2 merge); the full layout keeps a quarter (the every-2nd-row-and-column grid) and merges the
+    # rest to 9
+    "tiny-qwen2.5-vl": ModelPreset(
+        "qwen2.5-vl", 168, 14, 64, 2, 256, 688, 4, 8, 4, SkipVisionConfig(0.25, 9, selection="grid")
+    ),
+    "tiny-qwen3-vl": ModelPreset(
+        "qwen3-vl", 192, 16, 64, 2, 256, 688, 4, 8, 4, SkipVisionConfig(0.25, 9, selection="grid")
+    ),
 }
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained in memory on ``corpus`` (deterministic), with the special tokens and chat template."""
+def build_tokenizer(corpus: list[str], vocab_size: int = 512, family: str = "llava") -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained in memory on ``corpus`` (deterministic), with the special tokens and chat template
+    (Qwen-VL families: plus the vision start/end tokens)."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -151,6 +188,9 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedToken
         extra_special_tokens={"image_token": "<image>"},
     )
     fast.chat_template = CHAT_TEMPLATE
+    if family in QWEN_FAMILIES:
+        fast.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
+        fast.chat_template = chat_template(QWEN_IMAGE)
     return fast
 
 
@@ -199,13 +239,30 @@ def build_processor(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast) -> 
             image_grid_pinpoints=preset.pinpoints,
         )
         return image_only_processor(
+            LlavaOnevisionProcessor,
             image_processor,
             num_image_tokens=preset.visual_tokens,
             vision_feature_select_strategy="full",
             vision_aspect_ratio="anyres_max_9",
             **common,
         )
+    if preset.family in QWEN_FAMILIES:
+        image_processor = Qwen2VLImageProcessorPil(
+            patch_size=preset.patch_size,
+            merge_size=2,
+            temporal_patch_size=2,
+            size={"shortest_edge": (2 * preset.patch_size) ** 2, "longest_edge": size * size},
+        )
+        processor_class = Qwen2_5_VLProcessor if preset.family == "qwen2.5-vl" else Qwen3VLProcessor
+        return image_only_processor(processor_class, image_processor, tokenizer, chat_template=tokenizer.chat_template)
     raise ValueError(f"no tiny builder for family {preset.family!r}")
+
+
+def _rope_sections(head_dim: int) -> list[int]:
+    """M-RoPE's (t, h, w) split of the rotary half-dimension, in Qwen-VL's proportions (16, 24, 24 of 64)."""
+    half = head_dim // 2
+    height = 3 * half // 8
+    return [half - 2 * height, height, height]
 
 
 def build_model(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> PreTrainedModel:
@@ -256,14 +313,48 @@ def build_model(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast, seed: i
             vision_aspect_ratio="anyres_max_9",
         )
         model_class = LlavaOnevisionForConditionalGeneration
+    elif preset.family in QWEN_FAMILIES:
+        config, model_class = _qwen_config(preset, tokenizer, text_args)
     else:
         raise ValueError(f"no tiny builder for family {preset.family!r}")
     torch.manual_seed(seed)
     model = model_class(config)
-    _informative_tower_init(model, preset)
+    if preset.family not in QWEN_FAMILIES:
+        _informative_tower_init(model, preset)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def _qwen_config(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast, text_args: dict) -> tuple:
+    ids = {
+        "image_token_id": tokenizer.convert_tokens_to_ids("<image>"),
+        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+    }
+    head_dim = preset.text_hidden // preset.text_heads
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _rope_sections(head_dim)}
+    vision = dict(
+        depth=preset.vision_layers,
+        hidden_size=preset.vision_hidden,
+        intermediate_size=2 * preset.vision_hidden,
+        num_heads=max(1, preset.vision_hidden // 32),
+        patch_size=preset.patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=preset.text_hidden,
+    )
+    text = dict(text_args, rope_parameters=rope)
+    if preset.family == "qwen2.5-vl":
+        vision.update(window_size=4 * preset.patch_size, fullatt_block_indexes=[preset.vision_layers - 1])
+        config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+        return config, Qwen2_5_VLForConditionalGeneration
+    side = preset.image_size // preset.patch_size
+    vision.update(num_position_embeddings=side * side, deepstack_visual_indexes=list(range(preset.vision_layers)))
+    text.update(head_dim=head_dim)
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
+    return config, Qwen3VLForConditionalGeneration
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """Split visual tokens into retained tokens R and skip candidates C.
 
-A selection is a small strategy object: it says whether it needs a CLS token, how it scores the eligible tokens
-from the input of one vision attention module, and what that costs. Families capture that input; the config
-names the strategy.
+A selection is a small strategy object: it says whether it needs a CLS token or the image's token grid, how it
+scores the eligible tokens (from the input of one vision attention module, or from the grid), and what that costs.
+Families capture that input; the config names the strategy.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ class PositionSelection:
 
     name: str = "position"
     needs_cls: bool = False
+    needs_grid: bool = False
 
     def scores(self, attention: nn.Module | None, hidden_states: torch.Tensor | None) -> None:
         return None
@@ -33,6 +34,7 @@ class ClsAttentionSelection:
 
     name: str = "cls_attention"
     needs_cls: bool = True
+    needs_grid: bool = False
 
     def scores(self, attention: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         return cls_attention_scores(attention, hidden_states)
@@ -43,12 +45,53 @@ class ClsAttentionSelection:
         return 2 * h * h + 2 * vision_tokens * h * h + 2 * vision_tokens * h
 
 
-SELECTIONS: dict[str, PositionSelection | ClsAttentionSelection] = {
-    s.name: s for s in (ClsAttentionSelection(), PositionSelection())
-}
+@dataclass(frozen=True)
+class GridSelection:
+    """A regular sub-grid of the image's token grid, coarsest first (see :func:`grid_scores`).
+
+    The default for towers without CLS. It needs nothing from the tower, so the tokens to skip are known before
+    the tower runs; every region of the image keeps tokens (a score ranking can leave whole regions with none);
+    and the retained tokens form a lower-resolution view of the image, which is what a dynamic-resolution model
+    (Qwen-VL) is trained on anyway.
+    """
+
+    name: str = "grid"
+    needs_cls: bool = False
+    needs_grid: bool = True
+
+    def scores(self, attention: nn.Module | None, hidden_states: torch.Tensor | None) -> None:
+        return None
+
+    def overhead_flops(self, vision_hidden: int, vision_tokens: int) -> int:
+        return 0
 
 
-def selection_strategy(name: str) -> PositionSelection | ClsAttentionSelection:
+Selection = PositionSelection | ClsAttentionSelection | GridSelection
+
+SELECTIONS: dict[str, Selection] = {s.name: s for s in (ClsAttentionSelection(), GridSelection(), PositionSelection())}
+
+
+def grid_scores(grid: tuple[int, int, int], device: torch.device | str | None = None) -> torch.Tensor:
+    """Scores ``(t * h * w,)`` over a ``(t, h, w)`` token grid in raster order whose top-k is a regular sub-grid.
+
+    A token's level is how coarse a grid it lies on: every 2**k-th row and column (``k`` = the smaller 2-adic
+    valuation of its row and column, row and column 0 counting as any). Keeping a quarter of an even grid keeps
+    exactly every 2nd row and column, a sixteenth every 4th; other counts fill the next finer grid in raster
+    order. Each frame of a video gets the same pattern.
+    """
+    t, h, w = grid
+
+    def level(n: int) -> torch.Tensor:
+        index = torch.arange(n, device=device)
+        return torch.where(index == 0, 64, (index & -index).float().log2().long())
+
+    spatial = torch.minimum(level(h)[:, None], level(w)[None, :]).flatten().float()
+    order = torch.arange(h * w, device=device, dtype=torch.float32)
+    score = spatial * (h * w) - order  # coarser level first, then raster order: all distinct
+    return score.repeat(t)
+
+
+def selection_strategy(name: str) -> Selection:
     try:
         return SELECTIONS[name]
     except KeyError:

@@ -12,8 +12,10 @@ from ..model import Family
 from .llava import LLAVA
 from .llava_next import LLAVA_NEXT
 from .llava_onevision import LLAVA_ONEVISION
+from .qwen2_5_vl import QWEN2_5_VL
+from .qwen3_vl import QWEN3_VL
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_5_VL, QWEN3_VL)}
 
 
 def family_for(config: Any) -> Family:

@@ -11,7 +11,6 @@ than N_s candidates skips them all unmerged, so its count is smaller (as NeXT's 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +21,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 from ..config import SkipVisionConfig, VisionFacts
 from ..model import Family, SkipVisionMixin, selection_scores
 from ..sequence import ImageTokens
+from .processor import expand_image_tokens
 
 
 @contextlib.contextmanager
@@ -105,22 +105,7 @@ class LlavaNextFamily(Family):
     def configure_processor(
         self, processor: ProcessorMixin, config: SkipVisionConfig, model_config: PretrainedConfig | None
     ) -> ProcessorMixin:
-        """Make the processor expand each ``<image>`` to its Skip-Vision count (the class name stays HF's, so a
-        saved processor is a plain HF one; ``skipvision.load_processor`` sets it up again from config.json)."""
-        if not isinstance(processor, self.processor_class):
-            raise TypeError(f"expected a {self.processor_class.__name__}, got {type(processor).__name__}")
-        vanilla = getattr(type(processor), "skip_vision_base", type(processor))
-        if config.native:
-            processor.__class__ = vanilla
-            processor.__dict__.pop("skip_vision", None)
-        else:
-            processor.__class__ = _skip_vision_processor(vanilla)
-            processor.skip_vision = config
-        return processor
-
-    def extra_newlines(self, processor: ProcessorMixin, image_inputs: dict, image_idx: int) -> int:
-        """Newline tokens HF counts for an image outside ``_get_unpadded_features`` (none for NeXT)."""
-        return 0
+        return expand_image_tokens(self, processor, config)
 
     def model_shape(self, config: PretrainedConfig, tiles: int = 0):
         """Shape for an image of ``tiles`` full tiles (square tiles, nothing unpadded)."""
@@ -145,31 +130,6 @@ def _grid_rows(tiles: int) -> int:
     while rows > 1 and tiles % rows:
         rows -= 1
     return max(rows, 1)
-
-
-class _SkipVisionProcessorMixin:
-    """Expands ``<image>`` to ``config.image_layout(V).total``, with V = HF's own count minus the row newlines."""
-
-    skip_vision: SkipVisionConfig
-    skip_vision_family: LlavaNextFamily
-
-    def _get_unpadded_features(self, *args: Any) -> tuple[int, int]:
-        unpadded, _newlines = super()._get_unpadded_features(*args)
-        return unpadded, 0  # Skip-Vision drops the row newlines
-
-    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-        hf = super().replace_image_token(image_inputs, image_idx, **kwargs)
-        newlines = self.skip_vision_family.extra_newlines(self, image_inputs, image_idx)
-        visual = len(hf) // len(self.image_token) - newlines
-        return self.image_token * self.skip_vision.image_layout(visual).total
-
-
-@functools.cache
-def _skip_vision_processor(base: type) -> type:
-    from . import family_for_processor
-
-    attrs = {"__module__": base.__module__, "skip_vision_base": base, "skip_vision_family": family_for_processor(base)}
-    return type(base.__name__, (_SkipVisionProcessorMixin, base), attrs)
 
 
 LLAVA_NEXT = LlavaNextFamily()

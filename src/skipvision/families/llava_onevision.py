@@ -8,13 +8,10 @@ candidates = the interpolated tile tokens. In a sample with several images HF gi
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 from transformers import (
-    AutoTokenizer,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionProcessor,
     PretrainedConfig,
@@ -24,6 +21,8 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 from ..model import SkipVisionMixin
 from .llava_next import LlavaNextFamily
+from .processor import image_only_processor as _image_only_processor
+from .processor import load_image_only, save_image_only
 
 
 class LlavaOnevisionFamily(LlavaNextFamily):
@@ -49,43 +48,18 @@ class LlavaOnevisionFamily(LlavaNextFamily):
             seen += n
         return 0
 
-    # HF's processor cannot save or load without a video processor, which needs torchvision; an image-only
-    # processor (video_processor=None) is saved as its parts and rebuilt from them.
     _SETTINGS = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio")
 
     def save_processor(self, processor: ProcessorMixin, path: str | os.PathLike) -> None:
-        if getattr(processor, "video_processor", None) is not None:
-            return processor.save_pretrained(path)
-        processor.image_processor.save_pretrained(path)
-        processor.tokenizer.save_pretrained(path)
-        settings = {k: getattr(processor, k) for k in self._SETTINGS}
-        settings.update(processor_class="LlavaOnevisionProcessor", image_only=True)
-        Path(path, "processor_config.json").write_text(json.dumps(settings, indent=1))
-        if processor.chat_template:
-            Path(path, "chat_template.jinja").write_text(processor.chat_template)
+        save_image_only(processor, path, self._SETTINGS)
 
     def load_processor(self, path: str | os.PathLike) -> ProcessorMixin:
-        config_file = Path(path, "processor_config.json")
-        settings = json.loads(config_file.read_text()) if config_file.exists() else {}
-        if not settings.get("image_only"):
-            return super().load_processor(path)
-        template = Path(path, "chat_template.jinja")
-        return image_only_processor(
-            LlavaOnevisionImageProcessorPil.from_pretrained(path),
-            AutoTokenizer.from_pretrained(path),
-            chat_template=template.read_text() if template.exists() else None,
-            **{k: settings[k] for k in self._SETTINGS},
-        )
+        return load_image_only(self.processor_class, LlavaOnevisionImageProcessorPil, path, self._SETTINGS)
 
 
 def image_only_processor(image_processor: Any, tokenizer: Any, **kwargs: Any) -> LlavaOnevisionProcessor:
-    """A ``LlavaOnevisionProcessor`` without a video processor (HF's argument check needs torchvision to name the
-    video processor class, so it is skipped for ``video_processor=None``)."""
-    processor = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
-    processor.check_argument_for_proper_class = lambda _name, _arg: None
-    processor.__init__(image_processor=image_processor, video_processor=None, tokenizer=tokenizer, **kwargs)
-    del processor.check_argument_for_proper_class
-    return processor
+    """A ``LlavaOnevisionProcessor`` without a video processor."""
+    return _image_only_processor(LlavaOnevisionProcessor, image_processor, tokenizer, **kwargs)
 
 
 LLAVA_ONEVISION = LlavaOnevisionFamily()

@@ -1,0 +1,212 @@
+"""Qwen2.5-VL (HF ``Qwen2_5_VLForConditionalGeneration``): dynamic resolution, no CLS, M-RoPE positions.
+
+Facts: decoder layers at ``model.model.language_model.layers`` (Llama-style); the tower ``model.model.visual``
+turns each image's ``image_grid_thw`` (t, h, w) patch grid into ``t * h * w / merge**2`` tokens in raster order over
+the merged grid; the processor writes that many ``<|image_pad|>`` per image (``replace_image_token``). Positions
+are 3-D: HF's ``get_rope_index`` gives every visual token (t, row, col) offsets and moves the text after an image
+by ``max(h, w) / merge``.
+
+Layouts:
+- in place: HF's own forward, processor and positions; only the non-retained tokens are marked skipped.
+- full: ``[R, sigma_R, S, sigma_S]`` per image. Each placeholder takes the M-RoPE position of the visual token it
+  stands for (a retained token its own; a merged token that of the token the others were merged into; a summary
+  token that of the image's centre token), computed by HF's own ``get_rope_index`` on the sequence the vanilla
+  processor would have written and gathered from it, so text after an image sits exactly where HF puts it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig, ProcessorMixin, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from ..config import SkipVisionConfig, VisionFacts
+from ..model import Family, SkipVisionMixin
+from ..sequence import ImageSequence, ImageTokens
+from .processor import expand_image_tokens, load_image_only, save_image_only
+
+
+class QwenVLFamily(Family):
+    """Facts shared by the Qwen-VL families."""
+
+    image_input_names = ("image_grid_thw",)
+    unsupported_inputs = ("pixel_values_videos",)
+    uses_mrope = True
+    CLS_TOWERS = ()
+
+    def vision_tower(self, model: Any) -> torch.nn.Module:
+        return model.model.visual
+
+    def vision_layers(self, model: Any) -> torch.nn.ModuleList:
+        return model.model.visual.blocks
+
+    def tower_has_cls(self, config: PretrainedConfig) -> bool:
+        return False
+
+    def vision_facts(self, config: PretrainedConfig) -> VisionFacts:
+        return VisionFacts(None, None, False, config.get_text_config().num_hidden_layers)
+
+    def merge_size(self, config: PretrainedConfig) -> int:
+        return config.vision_config.spatial_merge_size
+
+    def token_grids(self, config: PretrainedConfig, image_inputs: dict[str, Any]) -> list[tuple[int, int, int]]:
+        """Each image's (t, h, w) grid of language-model tokens (the merged patch grid)."""
+        merge = self.merge_size(config)
+        return [(int(t), int(h) // merge, int(w) // merge) for t, h, w in image_inputs["image_grid_thw"].tolist()]
+
+    def tower_passes(self, config: PretrainedConfig, num_images: int, image_inputs: dict[str, Any]) -> int:
+        return num_images
+
+    def num_images(self, pixel_values: torch.Tensor | None, image_inputs: dict[str, Any]) -> int:
+        if pixel_values is None:
+            return 0
+        grids = image_inputs.get("image_grid_thw")
+        return 0 if grids is None else int(grids.shape[0])
+
+    def check_image_inputs(self, config: PretrainedConfig, pixel_values: Any, image_inputs: dict[str, Any]) -> None:
+        grids = image_inputs.get("image_grid_thw")
+        if not isinstance(grids, torch.Tensor) or grids.ndim != 2 or grids.shape[1] != 3:
+            raise ValueError(
+                f"{self.hf_class.__name__} needs image_grid_thw (num_images, 3) from its processor with pixel_values"
+            )
+        if pixel_values.ndim != 2 or int(grids.prod(-1).sum()) != pixel_values.shape[0]:
+            raise ValueError(
+                f"pixel_values {tuple(pixel_values.shape)} do not hold the {int(grids.prod(-1).sum())} patches that "
+                "image_grid_thw describes (pixel_values must be the processor's flattened patches)"
+            )
+
+    def image_blocks(
+        self, config: PretrainedConfig, is_image: torch.Tensor, image_inputs: dict[str, Any]
+    ) -> list[tuple[int, tuple[int, int, int] | None]]:
+        return [(t * h * w, (t, h, w)) for t, h, w in self.token_grids(config, image_inputs)]
+
+    def image_features(self, model: Any, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> Any:
+        pixels = pixel_values.to(model.model.visual.dtype)
+        return model.model.get_image_features(pixels, image_inputs["image_grid_thw"], return_dict=True)
+
+    def image_extras(self, output: Any) -> list[list[torch.Tensor]]:
+        """Per-token features besides the tokens, per image (none for Qwen2.5-VL)."""
+        return [[] for _ in output.pooler_output]
+
+    def image_tokens(
+        self, model: Any, pixel_values: torch.Tensor, image_inputs: dict[str, Any], config: SkipVisionConfig
+    ) -> list[ImageTokens]:
+        output = self.image_features(model, pixel_values, image_inputs)
+        grids = self.token_grids(model.config, image_inputs)
+        return [
+            ImageTokens(tokens, tokens.shape[0], None, grid, extras)
+            for tokens, grid, extras in zip(output.pooler_output, grids, self.image_extras(output))
+        ]
+
+    # --- positions ----------------------------------------------------------------------------------------------
+    def rope_position_ids(self, model: Any, text_positions: torch.Tensor) -> torch.Tensor:
+        """``(4, batch, q)``: the text positions, then T, H, W = text position + the prompt's rope delta (what HF's
+        generate passes while decoding)."""
+        deltas = model.model.rope_deltas
+        if deltas is None:
+            deltas = torch.zeros(text_positions.shape[0], 1, dtype=torch.long)
+        deltas = deltas.to(text_positions.device)
+        if deltas.shape[0] != text_positions.shape[0]:  # expanded for beams / several sequences per prompt
+            deltas = deltas.repeat_interleave(text_positions.shape[0] // deltas.shape[0], dim=0)
+        rope = (text_positions + deltas).unsqueeze(0).expand(3, -1, -1)
+        return torch.cat([text_positions.unsqueeze(0), rope], dim=0)
+
+    def layout_position_ids(
+        self,
+        model: Any,
+        is_image: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        sequences: list[ImageSequence],
+        image_inputs: dict[str, Any],
+    ) -> torch.Tensor:
+        """``(4, batch, seq)`` prefill positions of the full layout; sets ``model.model.rope_deltas``."""
+        batch, length = is_image.shape
+        device = is_image.device
+        valid = torch.ones_like(is_image) if attention_mask is None else attention_mask.bool()
+        grids = image_inputs.get("image_grid_thw")
+        visual = [] if grids is None else (grids.prod(-1) // self.merge_size(model.config) ** 2).tolist()
+        # the sequence the vanilla processor would have written: each image span as its V visual tokens
+        types, gathers, image = [], [], 0
+        for b in range(batch):
+            row_types: list[int] = []
+            row_gather: list[torch.Tensor] = []
+            flags = is_image[b][valid[b]].tolist()
+            i = 0
+            while i < len(flags):
+                if not flags[i]:
+                    row_gather.append(torch.tensor([len(row_types)]))
+                    row_types.append(0)
+                    i += 1
+                    continue
+                span = sequences[image].sources.shape[0]
+                row_gather.append(len(row_types) + sequences[image].sources.cpu())
+                row_types.extend([1] * int(visual[image]))
+                i += span
+                image += 1
+            types.append(row_types)
+            gathers.append(torch.cat(row_gather) if row_gather else torch.zeros(0, dtype=torch.long))
+        width = max(len(t) for t in types)
+        expanded_types = torch.zeros(batch, width, dtype=torch.long)
+        expanded_mask = torch.zeros(batch, width, dtype=torch.long)
+        for b, row in enumerate(types):
+            expanded_types[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+            expanded_mask[b, : len(row)] = 1
+        if grids is not None and bool(expanded_types.any()):
+            vanilla_positions, _ = model.model.get_rope_index(
+                expanded_types.to(device),
+                mm_token_type_ids=expanded_types.to(device),
+                image_grid_thw=grids,
+                attention_mask=expanded_mask.to(device),
+            )
+        else:
+            vanilla_positions = expanded_mask.cumsum(-1).sub(1).clamp_min(0).unsqueeze(0).expand(3, -1, -1).to(device)
+        positions = torch.zeros(3, batch, length, dtype=torch.long, device=device)
+        for b in range(batch):
+            positions[:, b, valid[b]] = vanilla_positions[:, b, gathers[b].to(device)]
+        text = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
+        # the next position after the prompt: max + 1 on the rope axes, the token count on the text axis
+        top = positions.masked_fill(~valid.unsqueeze(0), -1).amax(dim=(0, 2))
+        model.model.rope_deltas = (top + 1 - valid.sum(-1)).unsqueeze(1)
+        return torch.cat([text.unsqueeze(0), positions], dim=0)
+
+    # --- processor and FLOPs ------------------------------------------------------------------------------------
+    def configure_processor(
+        self, processor: ProcessorMixin, config: SkipVisionConfig, model_config: PretrainedConfig | None
+    ) -> ProcessorMixin:
+        return expand_image_tokens(self, processor, config)
+
+    def save_processor(self, processor: ProcessorMixin, path: str | os.PathLike) -> None:
+        save_image_only(processor, path, ())
+
+    def load_processor(self, path: str | os.PathLike) -> ProcessorMixin:
+        return load_image_only(self.processor_class, Qwen2VLImageProcessorPil, path, ())
+
+    def model_shape(self, config: PretrainedConfig, grid: tuple[int, int] = (16, 16)):
+        """Shape for one image whose merged token grid is ``grid`` (rows, cols)."""
+        from ..flops import ModelShape, qwen_vision_shape, text_shape
+
+        return ModelShape(
+            text_shape(config), qwen_vision_shape(config, grid), visual_tokens=grid[0] * grid[1], eligible_tokens=None
+        )
+
+
+class Qwen2_5_VLFamily(QwenVLFamily):
+    name = "qwen2.5-vl"
+    model_type = "qwen2_5_vl"
+    hf_class = Qwen2_5_VLForConditionalGeneration
+    processor_class = Qwen2_5_VLProcessor
+
+
+QWEN2_5_VL = Qwen2_5_VLFamily()
+
+
+class SkipVisionQwen2_5_VLForConditionalGeneration(SkipVisionMixin, Qwen2_5_VLForConditionalGeneration):
+    """``Qwen2_5_VLForConditionalGeneration`` with Skip-Vision; settings in ``config.skip_vision``."""
+
+    skip_vision_family = QWEN2_5_VL
+
+
+QWEN2_5_VL.skip_class = SkipVisionQwen2_5_VLForConditionalGeneration
