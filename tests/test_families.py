@@ -315,3 +315,47 @@ def test_hf_generate_paths_equal_plain_greedy(name):
         input_ids=first.sequences, attention_mask=mask, past_key_values=first.past_key_values, **images, **greedy
     )
     assert torch.equal(second, model.generate(**single, **{**greedy, "max_new_tokens": 8}))
+
+
+MROPE = [name for name in NAMES if name.startswith("qwen")]
+
+
+@pytest.mark.parametrize("name", MROPE)
+def test_first_decode_positions_equal_vanilla(name):
+    """The first decode step's position ids are the vanilla model's: all of them in place; in the full layout
+    (shorter prompt) the M-RoPE axes (the text axis counts the prompt's own tokens)."""
+    cfg = FAMILIES[name][1]
+    vanilla, model = pair(name, cfg)
+
+    def decode_positions(m, inputs):
+        seen = []
+        text_model = skipvision.family_of(m).language_model(m) if m is model else m.model.language_model
+        hook = lambda _mod, args, kwargs: seen.append(kwargs["position_ids"])  # noqa: E731
+        handle = text_model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            m.generate(**inputs, max_new_tokens=2, do_sample=False)
+        finally:
+            handle.remove()
+        return seen[1]  # (4, batch, 1)
+
+    ref = decode_positions(vanilla, _inputs(name, vanilla, None))
+    inputs = _inputs(name, model, cfg)
+    got = decode_positions(model, inputs)
+    if cfg.in_place:
+        assert torch.equal(got, ref)
+    else:
+        assert torch.equal(got[1:], ref[1:])
+        assert torch.equal(got[0, :, 0], inputs["attention_mask"].sum(-1))
+    # a direct forward without position ids on the pruned cache lands on the same positions
+    out = model(**inputs, use_cache=True)
+    assert skipvision.skip_kv_state(out.past_key_values) is not None
+    step = out.logits[:, -1:].argmax(-1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(step)], dim=1)
+    seen = []
+    hook = lambda _mod, args, kwargs: seen.append(kwargs["position_ids"])  # noqa: E731
+    handle = skipvision.family_of(model).language_model(model).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids=step, attention_mask=mask, past_key_values=out.past_key_values)
+    finally:
+        handle.remove()
+    assert torch.equal(seen[0][1:], got[1:])
