@@ -21,7 +21,7 @@ def convert(model: PreTrainedModel, config: SkipVisionConfig | dict[str, Any]) -
     """
     if isinstance(model, SkipVisionMixin):
         raise ValueError(f"model is already a {type(model).__name__}")
-    family = family_for(model.config)
+    family = family_for(model.config, type(model))
     if not isinstance(model, family.hf_class):
         raise TypeError(f"convert expects a {family.hf_class.__name__}, got {type(model).__name__}")
     previous_class, previous = type(model), getattr(model.config, "skip_vision", None)

@@ -246,6 +246,11 @@ class SkipVisionMixin:
                 "skip_vision=SkipVisionConfig(...)) or convert a model with skipvision.convert(model, cfg)"
             )
         cfg = SkipVisionConfig.coerce(raw)
+        if not cfg.in_place and not self.skip_vision_family.supports_full_layout:
+            raise ValueError(
+                f"{type(self).__name__} supports only layout='inplace' (every visual token stays where HF's processor "
+                "put it); the full layout needs a family module that assembles its images"
+            )
         cfg.check_against(self.skip_vision_facts())
         self.config.skip_vision = cfg.to_dict()
         enable_skip_ffn(self.skip_vision_family.decoder_layers(self), cfg.skip_layers)

@@ -16,7 +16,11 @@ from torch import nn
 #: that run the FFN. A forward kwarg (not module state) so gradient checkpointing replays it.
 FFN_ROWS_KWARG = "skip_vision_ffn_rows"
 
-_REQUIRED = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+#: the parts of a Llama-style (pre-norm attention, then pre-norm FFN) decoder layer
+LLAMA_STYLE_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+#: parts that mean another layer formula (Gemma2/3 sandwich norms: post_attention_layernorm normalises the attention
+#: output, and the FFN has its own pre/post norms), which the Llama-style Skip-FFN would compute wrongly
+SANDWICH_PARTS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 
 class SkipFFNLayerMixin:
@@ -50,9 +54,16 @@ def enable_skip_ffn(layers: nn.ModuleList, skip_layers: tuple[int, ...] | None) 
     """
     chosen = set(range(len(layers))) if skip_layers is None else set(skip_layers)
     for index, layer in enumerate(layers):
-        missing = [name for name in _REQUIRED if not hasattr(layer, name)]
+        missing = [name for name in LLAMA_STYLE_PARTS if not hasattr(layer, name)]
         if missing:
             raise TypeError(f"Skip-FFN needs Llama-style decoder layers; {type(layer).__name__} lacks {missing}")
+        extra = [name for name in SANDWICH_PARTS if hasattr(layer, name)]
+        if extra:
+            raise TypeError(
+                f"Skip-FFN needs Llama-style decoder layers; {type(layer).__name__} also has {extra} (sandwich norms: "
+                "its post_attention_layernorm normalises the attention output), which the Llama-style skip would "
+                "compute wrongly. This family is not supported."
+            )
         if not isinstance(layer, SkipFFNLayerMixin):
             layer.__class__ = _skip_ffn_class(type(layer))
         layer.skip_ffn = index in chosen

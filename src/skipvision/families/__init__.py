@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..model import Family
+from .inplace import IN_PLACE_FAMILIES, generic_family
 from .llava import LLAVA
 from .llava_next import LLAVA_NEXT
 from .llava_onevision import LLAVA_ONEVISION
@@ -18,12 +19,33 @@ from .qwen3_vl import QWEN3_VL
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_5_VL, QWEN3_VL)}
 
 
-def family_for(config: Any) -> Family:
-    """The family of an HF config (or a ``model_type`` string)."""
+FAMILIES.update(IN_PLACE_FAMILIES)
+
+
+def family_for(config: Any, model_class: type | None = None) -> Family:
+    """The family of an HF config (or a ``model_type`` string). Any other HF VLM class (``model_class``, or the one
+    ``config.architectures`` names) gets a duck-typed in-place family."""
     model_type = config if isinstance(config, str) else getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise ValueError(f"Skip-Vision does not support model_type {model_type!r}; supported: {sorted(FAMILIES)}")
-    return FAMILIES[model_type]
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if model_class is None and not isinstance(config, str):
+        model_class = _architecture_class(config)
+    if model_class is None:
+        raise ValueError(
+            f"Skip-Vision does not know model_type {model_type!r} (families: {sorted(FAMILIES)}); an HF VLM class "
+            "with Llama-style decoder layers can still use layout='inplace' through skipvision.convert(model, cfg)"
+        )
+    return generic_family(model_type, model_class)
+
+
+def _architecture_class(config: Any) -> type | None:
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name.removeprefix("SkipVision"), None)
+        if isinstance(cls, type):
+            return cls
+    return None
 
 
 def family_by_name(name: str) -> Family:
