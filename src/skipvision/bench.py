@@ -35,6 +35,7 @@ class BenchSettings:
     batch_sizes: tuple[int, ...] = (1, 4)
     dtypes: tuple[str, ...] = ("fp32",)
     tiles: tuple[int, ...] = (0,)  # anyres tile counts to measure (0 = the tower's own image size, no tiling)
+    image_size: int = 336  # image side for dynamic-resolution towers (Qwen-VL), which have no size of their own
     new_tokens: int = 16
     text_tokens: int = 24  # prompt words around the image
     warmup: int = 1
@@ -69,9 +70,10 @@ def median_seconds(fn: Callable[[], Any], settings: BenchSettings) -> float:
     return statistics.median(times)
 
 
-def image_size_for_tiles(config: Any, tiles: int) -> tuple[int, int]:
-    """(width, height) of an image that the anyres processor splits into ``tiles`` tiles (0: the tower's size)."""
-    side = config.vision_config.image_size
+def image_size_for_tiles(config: Any, tiles: int, default: int = 336) -> tuple[int, int]:
+    """(width, height) of an image that the anyres processor splits into ``tiles`` tiles (0: the tower's size;
+    ``default`` for dynamic-resolution towers, which have none)."""
+    side = getattr(config.vision_config, "image_size", None) or default
     if tiles == 0:
         return side, side
     for height, width in getattr(config, "image_grid_pinpoints", None) or []:
@@ -87,6 +89,7 @@ def make_inputs(
     image_size: tuple[int, int],
     device: str,
     dtype: torch.dtype,
+    image_marker: str = "<image>",
 ) -> dict[str, torch.Tensor]:
     """A batch of prompts (words, one image, words) expanded by ``processor``; random pixels; labels on text."""
     rng = np.random.default_rng(0)
@@ -94,7 +97,7 @@ def make_inputs(
     texts = []
     for _ in range(batch):
         words = [WORDS[i] for i in rng.integers(0, len(WORDS), text_tokens)]
-        texts.append(" ".join(words[:before]) + " <image> " + " ".join(words[before:]))
+        texts.append(" ".join(words[:before]) + f" {image_marker} " + " ".join(words[before:]))
     width, height = image_size
     images = [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(batch)]
     processor.tokenizer.padding_side = "left"
@@ -200,14 +203,20 @@ def run(
     for dtype_name in settings.dtypes:
         dtype = DTYPES[dtype_name]
         for tiles in settings.tiles:
-            image_size = image_size_for_tiles(base.config, tiles)
+            image_size = image_size_for_tiles(base.config, tiles, settings.image_size)
             for batch in settings.batch_sizes:
                 measured = {}
                 for name, cfg in variants(skip).items():
                     model = convert(copy.deepcopy(base), cfg).to(settings.device, dtype)
                     variant_processor = configure_processor(copy.deepcopy(processor), cfg, base.config)
                     inputs = make_inputs(
-                        variant_processor, batch, settings.text_tokens, image_size, settings.device, dtype
+                        variant_processor,
+                        batch,
+                        settings.text_tokens,
+                        image_size,
+                        settings.device,
+                        dtype,
+                        family_of(base).image_prompt(variant_processor, base.config),
                     )
                     analytic = F.batch_flops(model, inputs, train_tower=True)
                     row = {

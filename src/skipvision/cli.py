@@ -8,14 +8,29 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import MERGES, SkipVisionConfig
+from .config import LAYOUTS, MERGES, SkipVisionConfig
 from .selection import SELECTIONS
+
+
+def _count_or_fraction(text: str) -> int | float:
+    """A token count (``100``) or a fraction of each image's tokens (``0.25``)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a token count or a fraction, got {text!r}") from None
 
 
 def _add_skip_vision_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Skip-Vision")
     g.add_argument("--vanilla", action="store_true", help="the vanilla model (every token retained, nothing skipped)")
-    g.add_argument("--num-retained", type=int, help="N_r: visual tokens with full blocks (default: the checkpoint's)")
+    g.add_argument(
+        "--num-retained",
+        type=_count_or_fraction,
+        help="N_r: visual tokens with full blocks, or a fraction of each image's (default: the checkpoint's)",
+    )
     g.add_argument("--num-skipped", type=int, help="N_s: skipped tokens after merging (default: the checkpoint's)")
     g.add_argument(
         "--selection",
@@ -27,12 +42,25 @@ def _add_skip_vision_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-summary-tokens", action="store_true", help="leave out sigma_R and sigma_S")
     g.add_argument("--no-skip-kv-cache", action="store_true", help="keep S's keys/values for decoding")
     g.add_argument("--skip-layers", type=int, nargs="+", help="decoder layers that skip the FFN (default: all)")
+    g.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        help="full: [R, sigma_R, S, sigma_S] per image; inplace: tokens stay where the processor put them and the "
+        "non-retained ones are skipped (needs only --num-retained)",
+    )
 
 
 def _skip_vision_from_args(args: argparse.Namespace, default: SkipVisionConfig | None) -> SkipVisionConfig | None:
     if args.vanilla:
         return None
-    if args.num_retained is None and args.num_skipped is None:
+    in_place = getattr(args, "layout", None) == "inplace"
+    if in_place:
+        retained = args.num_retained if args.num_retained is not None else getattr(default, "num_retained", None)
+        if retained is None:
+            raise ValueError("--layout inplace needs --num-retained")
+        selection = args.selection if args.selection != "cls_attention" else getattr(default, "selection", "grid")
+        base = SkipVisionConfig(retained, None, selection, "none", summary_tokens=False, layout="inplace")
+    elif args.num_retained is None and args.num_skipped is None:
         if default is None:
             raise ValueError("give --num-retained and --num-skipped (or --vanilla)")
         base = default
@@ -184,6 +212,8 @@ def cmd_flops(args: argparse.Namespace) -> None:
             num_retained=args.num_retained if args.num_retained is not None else cfg.num_retained,
             num_skipped=args.num_skipped if args.num_skipped is not None else cfg.num_skipped,
         )
+    if args.layout == "inplace":
+        cfg = SkipVisionConfig(cfg.num_retained, None, cfg.selection, "none", summary_tokens=False, layout="inplace")
     fixed = None if preset.anyres_newlines is not None else shape.visual_tokens
     cfg.check_against(VisionFacts(shape.eligible, fixed, has_cls=True, num_layers=shape.text.layers))
     result = F.compare(shape, cfg, text_tokens=args.text_tokens, new_tokens=args.new_tokens)
@@ -194,7 +224,8 @@ def cmd_flops(args: argparse.Namespace) -> None:
         return
     tiles = f", {shape.towers_per_image - 1} tiles" if preset.anyres_newlines is not None else ""
     print(
-        f"{args.preset}: N_r={cfg.num_retained} N_s={cfg.num_skipped}, V={shape.native_tokens}{tiles}, "
+        f"{args.preset}: N_r={cfg.num_retained} N_s={cfg.num_skipped} ({cfg.layout} layout), "
+        f"V={shape.native_tokens}{tiles}, "
         f"{args.text_tokens} text tokens"
     )
     print(
@@ -226,7 +257,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     )
     rows = run(base, processor, skip, settings)
     print(
-        f"# skipvision bench: {source}, N_r={skip.num_retained} N_s={skip.num_skipped}, device {settings.device}, "
+        f"# skipvision bench: {source}, N_r={skip.num_retained} N_s={skip.num_skipped} ({skip.layout} layout), "
+        f"device {settings.device}, "
         f"{settings.new_tokens} new tokens, median of {settings.repeats} after {settings.warmup} warm-up"
     )
     print(format_table(rows))
@@ -260,7 +292,7 @@ def _bench_model(args: argparse.Namespace):
         layers = base.config.get_text_config().num_hidden_layers
         return base, processor, skip, f"model {args.model} ({family.name}, {layers} layers)"
     preset = get_preset(args.preset)
-    tokenizer = build_tokenizer(tokenizer_corpus())
+    tokenizer = build_tokenizer(tokenizer_corpus(), family=preset.family)
     base = build_model(preset, tokenizer)
     skip = _skip_vision_from_args(args, preset.skip_vision)
     return base, build_processor(preset, tokenizer), skip, f"preset {args.preset} ({preset.family}, random weights)"
@@ -380,8 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("flops", help="analytic FLOPs of the paper's models, vanilla vs Skip-Vision")
     p.add_argument("--preset", required=True, choices=sorted(FLOPS_PRESETS), help="model geometry")
-    p.add_argument("--num-retained", type=int, help="override N_r")
+    p.add_argument("--num-retained", type=_count_or_fraction, help="override N_r (a count or a fraction)")
     p.add_argument("--num-skipped", type=int, help="override N_s")
+    p.add_argument("--layout", choices=LAYOUTS, default="full", help="Skip-Vision layout (inplace: skip in place)")
     p.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="prompt text tokens")
     p.add_argument("--new-tokens", type=int, default=0, help="also count this many decode steps")
     p.add_argument(

@@ -44,6 +44,8 @@ class VisionShape:
     patch: int
     cls: bool = True
     feature_layers: int = 1  # hidden states concatenated into the projector (list-valued vision_feature_layer)
+    patch_count: int | None = None  # patches of a non-square input (dynamic resolution); None: side**2
+    merge: int = 1  # Qwen-VL's patch merger: merge x merge patches -> one token (an MLP on their concatenation)
 
     @property
     def tokens(self) -> int:
@@ -56,7 +58,7 @@ class VisionShape:
 
     @property
     def patches(self) -> int:
-        return self.side**2
+        return self.side**2 if self.patch_count is None else self.patch_count
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,11 @@ def tower_pass_flops(v: VisionShape) -> int:
 
 
 def projector_flops(v: VisionShape, text_hidden: int, tokens: int) -> int:
-    """The 2-layer MLP projector over ``tokens`` visual tokens."""
+    """The 2-layer MLP projector over ``tokens`` visual tokens (Qwen-VL's merger: over the concatenation of
+    merge x merge patches, its first layer as wide as its input)."""
+    if v.merge > 1:
+        wide = v.hidden * v.merge**2
+        return 2 * tokens * (wide * wide + wide * text_hidden)
     return 2 * tokens * (v.hidden * v.feature_layers * text_hidden + text_hidden * text_hidden)
 
 
@@ -118,13 +124,15 @@ def skip_vision_overhead(shape: ModelShape, cfg: SkipVisionConfig, images: int =
     """Matmul FLOPs Skip-Vision adds before the LLM: CLS scoring, merge similarity, summary scorer."""
     if cfg.native:
         return 0
+    if cfg.in_place:
+        return 0  # grid or position selection, nothing merged or pooled
     v, d = shape.vision, shape.text.hidden
-    layout = cfg.image_layout(shape.visual_tokens)
+    layout = cfg.image_layout(shape.visual_tokens, shape.eligible)
     total = 0
-    if cfg.num_retained < shape.eligible:  # the selection ranks the base pass's tokens
+    if layout.retained < shape.eligible:  # the selection ranks the base pass's tokens
         # CLS attention is scored in each feature layer (their mean ranks the tokens)
         total += v.feature_layers * selection_strategy(cfg.selection).overhead_flops(v.hidden, v.tokens)
-    candidates = shape.visual_tokens - cfg.num_retained
+    candidates = shape.visual_tokens - layout.retained
     if cfg.merge == "tome" and candidates > layout.skipped:
         total += 2 * candidates * candidates * d
     if layout.summary_tokens:
@@ -153,7 +161,7 @@ class SequenceCounts:
 def sequence_counts(shape: ModelShape, text_tokens: int, images: int, cfg: SkipVisionConfig | None) -> SequenceCounts:
     if cfg is None or cfg.native:
         return SequenceCounts(text_tokens, images, shape.native_tokens, 0)
-    layout = cfg.image_layout(shape.visual_tokens)
+    layout = cfg.image_layout(shape.visual_tokens, shape.eligible)
     return SequenceCounts(text_tokens, images, layout.total - layout.skipped, layout.skipped)
 
 
@@ -241,6 +249,14 @@ CLIP_L_336 = VisionShape(hidden=1024, intermediate=4096, layers=24, image_size=3
 CLIP_L_448 = VisionShape(hidden=1024, intermediate=4096, layers=24, image_size=448, patch=14)
 VICUNA_7B = TextShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, head_dim=128, vocab=32000)
 LLAMA3_8B = TextShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=128256)
+QWEN2_7B = TextShape(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, head_dim=128, vocab=152064)
+
+
+def qwen2_5_vl_7b(side: int) -> ModelShape:
+    """Qwen2.5-VL-7B with one ``side`` x ``side`` px image (a multiple of 28: ``(side / 28)**2`` tokens)."""
+    grid = side // 28
+    vision = VisionShape(1280, 3420, 32, 0, 14, cls=False, patch_count=4 * grid * grid, merge=2)
+    return ModelShape(QWEN2_7B, vision, visual_tokens=grid * grid)
 
 
 def anyres_shape(text: TextShape, vision: VisionShape, tiles: int, newlines: bool) -> ModelShape:
@@ -278,6 +294,16 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
+    **{
+        f"qwen2.5-vl-7b-{side}": Preset(
+            qwen2_5_vl_7b(side),
+            SkipVisionConfig(0.25, (side // 28) ** 2 // 4, selection="grid"),
+            {},
+            f"Qwen2.5-VL-7B geometry, one {side}x{side} image ({(side // 28) ** 2} tokens): R = a quarter (every 2nd "
+            "row and column), the rest merged to a quarter; --layout inplace skips the other three quarters in place",
+        )
+        for side in (448, 896, 1344)
+    },
     "llava-1.5-7b": Preset(
         ModelShape(VICUNA_7B, CLIP_L_336, visual_tokens=576),
         SkipVisionConfig(num_retained=64, num_skipped=156),
@@ -338,6 +364,17 @@ def vision_shape(config: Any, cls: bool) -> VisionShape:
     feature_layers = 1 if isinstance(layers, int) else len(layers)
     return VisionShape(
         v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.image_size, v.patch_size, cls, feature_layers
+    )
+
+
+def qwen_vision_shape(config: Any, grid: tuple[int, int]) -> VisionShape:
+    """VisionShape of a Qwen-VL tower for one image of ``grid`` (rows, cols) merged tokens. Every block is counted
+    with full attention over the image (Qwen2.5-VL's window blocks cost less: an upper bound for the tower)."""
+    v = config.vision_config
+    merge = v.spatial_merge_size
+    patches = grid[0] * grid[1] * merge * merge
+    return VisionShape(
+        v.hidden_size, v.intermediate_size, v.depth, 0, v.patch_size, cls=False, patch_count=patches, merge=merge
     )
 
 
@@ -410,7 +447,7 @@ def batch_flops(model: Any, inputs: dict[str, Any], train_tower: bool = False) -
     images = family.num_images(pixel_values, image_inputs)
     with torch.no_grad():
         if images:
-            skipped = model.embed_multimodal(ids, pixel_values, **image_inputs)[1]
+            skipped = model.skipped_mask(ids, pixel_values, **image_inputs)
         else:
             skipped = torch.zeros_like(ids, dtype=torch.bool)
     prefill_lm, train_lm = 0, 0
@@ -421,11 +458,9 @@ def batch_flops(model: Any, inputs: dict[str, Any], train_tower: bool = False) -
         prefill_lm += sum(language_flops(shape, counts, logits=1, skip_layers=cfg.skip_layers).values())
         train_lm += 3 * sum(language_flops(shape, counts, logits=n_attn, skip_layers=cfg.skip_layers).values())
     passes = family.tower_passes(model.config, images, image_inputs)
-    v = shape.vision
-    tower = passes * tower_pass_flops(v)
-    projector = projector_flops(v, shape.text.hidden, passes * family.tokens_per_tower_pass(model.config))
+    tower, projector = family.tower_flops(model.config, images, image_inputs) if images else (0, 0)
     overhead = 0
-    if images and not cfg.native:
+    if images and not cfg.in_place:
         with torch.no_grad():
             tokens = family.image_tokens(model, pixel_values, image_inputs, cfg)
         overhead = sum(

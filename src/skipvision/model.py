@@ -182,6 +182,10 @@ class Family:
     ) -> ProcessorMixin:
         raise NotImplementedError
 
+    def image_prompt(self, processor: ProcessorMixin, config: PretrainedConfig) -> str:
+        """How a prompt writes one image for this family's processor."""
+        return processor.image_token
+
     def extra_newlines(self, processor: ProcessorMixin, image_inputs: dict, image_idx: int) -> int:
         """Row-newline tokens the HF processor counts in an image's expansion besides its visual tokens."""
         return 0
@@ -195,6 +199,15 @@ class Family:
         return AutoProcessor.from_pretrained(path)
 
     # --- FLOPs --------------------------------------------------------------------------------------------------
+    def tower_flops(self, config: PretrainedConfig, num_images: int, image_inputs: dict[str, Any]) -> tuple[int, int]:
+        """Analytic ``(tower, projector)`` FLOPs of one batch's images."""
+        from .flops import projector_flops, tower_pass_flops
+
+        shape = self.model_shape(config)
+        passes = self.tower_passes(config, num_images, image_inputs)
+        tokens = passes * self.tokens_per_tower_pass(config)
+        return passes * tower_pass_flops(shape.vision), projector_flops(shape.vision, shape.text.hidden, tokens)
+
     def model_shape(self, config: PretrainedConfig) -> Any:
         """``flops.ModelShape`` of this model with one image of the base size."""
         raise NotImplementedError
@@ -599,6 +612,12 @@ class SkipVisionMixin:
             if position_ids is None:
                 position_ids = family.rope_position_ids(self, state.positions(attention_mask, slots, query_length))
             attention_mask = state.compact_attention_mask(attention_mask, slots, query_length)
+        elif position_ids is None and family.uses_mrope and not is_prefill and cache is not None:
+            # a direct decode step (no generate): text positions from the full 2-D mask, M-RoPE from the prompt's
+            # rope delta (HF's own fallback reads the whole mask as the query's and fails)
+            position_ids = family.rope_position_ids(
+                self, _decode_text_positions(attention_mask, cache, input_ids, inputs_embeds)
+            )
 
         with context:
             outputs = super().forward(
@@ -620,6 +639,19 @@ class SkipVisionMixin:
             # padding columns go too: no query ever reads them
             prune_skipped_kv(returned, skipped if padding is None else skipped | padding)
         return outputs
+
+
+def _decode_text_positions(
+    attention_mask: Any, cache: Cache, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+) -> torch.Tensor:
+    """``(batch, q)`` 1-D positions of the query tokens of a cached step: from a full-coordinate 2-D mask, or the
+    tokens seen so far."""
+    query = input_ids if input_ids is not None else inputs_embeds
+    batch, length = query.shape[0], query.shape[1]
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+        return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -length:]
+    seen = int(cache.get_seq_length())
+    return torch.arange(seen, seen + length, device=query.device).expand(batch, length)
 
 
 def check_pixel_values(pixel_values: Any, check_finite: bool = True) -> None:

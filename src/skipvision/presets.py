@@ -154,11 +154,10 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
         grid=ANYRES_GRID,
         data_image_size=224,
     ),
-    # Qwen2.5-VL in miniature: dynamic resolution up to 168 px (6x6 merged tokens = 36 for the demo's scenes; a
-    # 14 px patch, 2x2 merge); the full layout keeps a quarter (the every-2nd-row-and-column grid) and merges the
-    # rest to 9
+    # Qwen2.5-VL / Qwen3-VL in miniature: dynamic resolution up to 336 / 384 px (12x12 = 144 merged tokens; 14 / 16 px
+    # patches, 2x2 merge); the full layout keeps a quarter (every 2nd row and column) and merges the rest to 36
     "tiny-qwen2.5-vl": ModelPreset(
-        "qwen2.5-vl", 168, 14, 64, 2, 256, 688, 4, 8, 4, SkipVisionConfig(0.25, 9, selection="grid")
+        "qwen2.5-vl", 336, 14, 64, 2, 256, 688, 4, 8, 4, SkipVisionConfig(0.25, 36, selection="grid")
     ),
     "tiny-qwen3-vl": ModelPreset(
         "qwen3-vl", 192, 16, 64, 2, 256, 688, 4, 8, 4, SkipVisionConfig(0.25, 9, selection="grid")

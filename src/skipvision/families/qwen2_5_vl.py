@@ -101,6 +101,14 @@ class QwenVLFamily(Family):
             for tokens, grid, extras in zip(output.pooler_output, grids, self.image_extras(output))
         ]
 
+    def image_prompt(self, processor: ProcessorMixin, config: PretrainedConfig) -> str:
+        """The image token between vision start and end tokens: M-RoPE gives each run of image tokens one image."""
+        start, end = (
+            processor.tokenizer.convert_ids_to_tokens(i)
+            for i in (config.vision_start_token_id, config.vision_end_token_id)
+        )
+        return f"{start}{processor.image_token}{end}"
+
     # --- positions ----------------------------------------------------------------------------------------------
     def rope_position_ids(self, model: Any, text_positions: torch.Tensor) -> torch.Tensor:
         """``(4, batch, q)``: the text positions, then T, H, W = text position + the prompt's rope delta (what HF's
@@ -183,6 +191,16 @@ class QwenVLFamily(Family):
 
     def load_processor(self, path: str | os.PathLike) -> ProcessorMixin:
         return load_image_only(self.processor_class, Qwen2VLImageProcessorPil, path, ())
+
+    def tower_flops(self, config: PretrainedConfig, num_images: int, image_inputs: dict[str, Any]) -> tuple[int, int]:
+        from ..flops import projector_flops, tower_pass_flops
+
+        tower = projector = 0
+        for _, h, w in self.token_grids(config, image_inputs):
+            shape = self.model_shape(config, (h, w))
+            tower += tower_pass_flops(shape.vision)
+            projector += projector_flops(shape.vision, shape.text.hidden, h * w)
+        return tower, projector
 
     def model_shape(self, config: PretrainedConfig, grid: tuple[int, int] = (16, 16)):
         """Shape for one image whose merged token grid is ``grid`` (rows, cols)."""
