@@ -136,24 +136,25 @@ class QwenVLFamily(Family):
         valid = torch.ones_like(is_image) if attention_mask is None else attention_mask.bool()
         grids = image_inputs.get("image_grid_thw")
         visual = [] if grids is None else (grids.prod(-1) // self.merge_size(model.config) ** 2).tolist()
-        # the sequence the vanilla processor would have written: each image span as its V visual tokens
+        # the sequence the vanilla processor would have written: each image span as its V visual tokens; walked by
+        # runs of text / placeholder tokens (a run of placeholders may hold several adjacent images)
+        spans = [s.sources.shape[0] for s in sequences]
         types, gathers, image = [], [], 0
         for b in range(batch):
+            flags = is_image[b][valid[b]]
+            edges = [0, *((flags[1:] != flags[:-1]).nonzero().squeeze(1) + 1).tolist(), flags.numel()]
             row_types: list[int] = []
             row_gather: list[torch.Tensor] = []
-            flags = is_image[b][valid[b]].tolist()
-            i = 0
-            while i < len(flags):
-                if not flags[i]:
-                    row_gather.append(torch.tensor([len(row_types)]))
-                    row_types.append(0)
-                    i += 1
+            for start, end in zip(edges[:-1], edges[1:]):
+                if not bool(flags[start]):
+                    row_gather.append(torch.arange(len(row_types), len(row_types) + end - start))
+                    row_types.extend([0] * (end - start))
                     continue
-                span = sequences[image].sources.shape[0]
-                row_gather.append(len(row_types) + sequences[image].sources.cpu())
-                row_types.extend([1] * int(visual[image]))
-                i += span
-                image += 1
+                while start < end:
+                    row_gather.append(len(row_types) + sequences[image].sources.cpu())
+                    row_types.extend([1] * int(visual[image]))
+                    start += spans[image]
+                    image += 1
             types.append(row_types)
             gathers.append(torch.cat(row_gather) if row_gather else torch.zeros(0, dtype=torch.long))
         width = max(len(t) for t in types)
