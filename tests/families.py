@@ -58,6 +58,11 @@ FAMILIES = {
         SkipVisionConfig(0.25, layout="inplace", merge="none", summary_tokens=False, selection="grid"),
         [(56, 56), (80, 40), (60, 60)],
     ),
+    "llava-next-inplace": (
+        replace(MODEL_PRESETS["tiny-next"], **TEST_SIZES),
+        SkipVisionConfig(0.25, layout="inplace", merge="none", summary_tokens=False, selection="grid"),
+        [(112, 112), (100, 60), (56, 50)],
+    ),
 }
 # Qwen-VL: images of different sizes give different token grids (4x8, 6x6, 8x4 merged tokens at 14 px patches)
 QWEN_SIZES = dict(TEST_SIZES, image_size=112)
