@@ -46,6 +46,7 @@ class VisionShape:
     feature_layers: int = 1  # hidden states concatenated into the projector (list-valued vision_feature_layer)
     patch_count: int | None = None  # patches of a non-square input (dynamic resolution); None: side**2
     merge: int = 1  # Qwen-VL's patch merger: merge x merge patches -> one token (an MLP on their concatenation)
+    temporal_patch: int = 1  # frames per patch (Qwen-VL embeds still images as 2 identical frames)
 
     @property
     def tokens(self) -> int:
@@ -100,7 +101,7 @@ def tower_pass_flops(v: VisionShape) -> int:
     """One ViT pass: patch embedding plus every layer (projections, attention over all tokens, MLP)."""
     t = v.tokens
     layer = 2 * t * 4 * v.hidden * v.hidden + 4 * v.hidden * t * t + 2 * t * 2 * v.hidden * v.intermediate
-    return v.layers * layer + 2 * v.patches * 3 * v.patch * v.patch * v.hidden
+    return v.layers * layer + 2 * v.patches * 3 * v.temporal_patch * v.patch * v.patch * v.hidden
 
 
 def projector_flops(v: VisionShape, text_hidden: int, tokens: int) -> int:
@@ -255,7 +256,7 @@ QWEN2_7B = TextShape(hidden=3584, intermediate=18944, layers=28, heads=28, kv_he
 def qwen2_5_vl_7b(side: int) -> ModelShape:
     """Qwen2.5-VL-7B with one ``side`` x ``side`` px image (a multiple of 28: ``(side / 28)**2`` tokens)."""
     grid = side // 28
-    vision = VisionShape(1280, 3420, 32, 0, 14, cls=False, patch_count=4 * grid * grid, merge=2)
+    vision = VisionShape(1280, 3420, 32, 0, 14, cls=False, patch_count=4 * grid * grid, merge=2, temporal_patch=2)
     return ModelShape(QWEN2_7B, vision, visual_tokens=grid * grid)
 
 
@@ -374,7 +375,15 @@ def qwen_vision_shape(config: Any, grid: tuple[int, int]) -> VisionShape:
     merge = v.spatial_merge_size
     patches = grid[0] * grid[1] * merge * merge
     return VisionShape(
-        v.hidden_size, v.intermediate_size, v.depth, 0, v.patch_size, cls=False, patch_count=patches, merge=merge
+        v.hidden_size,
+        v.intermediate_size,
+        v.depth,
+        0,
+        v.patch_size,
+        cls=False,
+        patch_count=patches,
+        merge=merge,
+        temporal_patch=v.temporal_patch_size,
     )
 
 

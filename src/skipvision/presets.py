@@ -346,7 +346,9 @@ def _qwen_config(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast, text_a
     )
     text = dict(text_args, rope_parameters=rope)
     if preset.family == "qwen2.5-vl":
-        vision.update(window_size=4 * preset.patch_size, fullatt_block_indexes=[preset.vision_layers - 1])
+        # one window per image at the preset size: the tiny tower runs a few large attention calls, not dozens of
+        # 4x4-token ones whose call overhead would dominate its time
+        vision.update(window_size=preset.image_size, fullatt_block_indexes=[preset.vision_layers - 1])
         config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
         return config, Qwen2_5_VLForConditionalGeneration
     side = preset.image_size // preset.patch_size

@@ -7,6 +7,7 @@ Families capture that input; the config names the strategy.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -71,14 +72,8 @@ Selection = PositionSelection | ClsAttentionSelection | GridSelection
 SELECTIONS: dict[str, Selection] = {s.name: s for s in (ClsAttentionSelection(), GridSelection(), PositionSelection())}
 
 
-def grid_scores(grid: tuple[int, int, int], device: torch.device | str | None = None) -> torch.Tensor:
-    """Scores ``(t * h * w,)`` over a ``(t, h, w)`` token grid in raster order whose top-k is a regular sub-grid.
-
-    A token's level is how coarse a grid it lies on: every 2**k-th row and column (``k`` = the smaller 2-adic
-    valuation of its row and column, row and column 0 counting as any). Keeping a quarter of an even grid keeps
-    exactly every 2nd row and column, a sixteenth every 4th; other counts fill the next finer grid in raster
-    order. Each frame of a video gets the same pattern.
-    """
+@functools.lru_cache(maxsize=256)
+def _grid_scores(grid: tuple[int, int, int], device: torch.device | str | None) -> torch.Tensor:
     t, h, w = grid
 
     def level(n: int) -> torch.Tensor:
@@ -89,6 +84,17 @@ def grid_scores(grid: tuple[int, int, int], device: torch.device | str | None = 
     order = torch.arange(h * w, device=device, dtype=torch.float32)
     score = spatial * (h * w) - order  # coarser level first, then raster order: all distinct
     return score.repeat(t)
+
+
+def grid_scores(grid: tuple[int, int, int], device: torch.device | str | None = None) -> torch.Tensor:
+    """Scores ``(t * h * w,)`` over a ``(t, h, w)`` token grid in raster order whose top-k is a regular sub-grid.
+
+    A token's level is how coarse a grid it lies on: every 2**k-th row and column (``k`` = the smaller 2-adic
+    valuation of its row and column, row and column 0 counting as any). Keeping a quarter of an even grid keeps
+    exactly every 2nd row and column, a sixteenth every 4th; other counts fill the next finer grid in raster
+    order. Each frame of a video gets the same pattern.
+    """
+    return _grid_scores(tuple(int(n) for n in grid), device).clone()  # cached: the same grids recur
 
 
 def selection_strategy(name: str) -> Selection:
