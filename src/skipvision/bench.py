@@ -41,6 +41,7 @@ class BenchSettings:
     warmup: int = 1
     repeats: int = 3
     train: bool = True
+    freeze_tower: bool = False  # train the language model and projector only (the usual fine-tuning recipe)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -55,6 +56,11 @@ def variants(skip: SkipVisionConfig) -> dict[str, SkipVisionConfig]:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def median_seconds(fn: Callable[[], Any], settings: BenchSettings) -> float:
@@ -110,6 +116,10 @@ def make_inputs(
     return out
 
 
+def model_bytes(model: PreTrainedModel) -> int:
+    return sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+
+
 def kv_cache_bytes(cache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
@@ -124,6 +134,8 @@ def measure(model: PreTrainedModel, inputs: dict[str, torch.Tensor], settings: B
     )
     result: dict[str, Any] = {}
     model.eval()
+    # the other variants' models stay on the device between interleaved rounds: not this model's memory
+    others = torch.cuda.memory_allocated() - model_bytes(model) if settings.device.startswith("cuda") else 0
     with torch.no_grad():
         cache = model(**prompt, use_cache=True, logits_to_keep=1).past_key_values
         result["kv_cache_bytes"] = kv_cache_bytes(cache)
@@ -137,7 +149,7 @@ def measure(model: PreTrainedModel, inputs: dict[str, torch.Tensor], settings: B
         )
         result["decode_seconds_per_token"] = decode_seconds_per_token(model, prompt, settings)
         if settings.device.startswith("cuda"):
-            result["peak_inference_memory_bytes"] = torch.cuda.max_memory_allocated()
+            result["peak_inference_memory_bytes"] = torch.cuda.max_memory_allocated() - others
     if settings.train:
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -151,7 +163,7 @@ def measure(model: PreTrainedModel, inputs: dict[str, torch.Tensor], settings: B
             torch.cuda.reset_peak_memory_stats()
         result["train_step_seconds"] = median_seconds(step, settings)
         if settings.device.startswith("cuda"):
-            result["peak_train_memory_bytes"] = torch.cuda.max_memory_allocated()
+            result["peak_train_memory_bytes"] = torch.cuda.max_memory_allocated() - others
         del optimizer
         model.eval()
     return result
@@ -205,7 +217,7 @@ def run(
         for tiles in settings.tiles:
             image_size = image_size_for_tiles(base.config, tiles, settings.image_size)
             for batch in settings.batch_sizes:
-                measured = {}
+                measured, built = {}, {}
                 for name, cfg in variants(skip).items():
                     model = convert(copy.deepcopy(base), cfg).to(settings.device, dtype)
                     variant_processor = configure_processor(copy.deepcopy(processor), cfg, base.config)
@@ -218,8 +230,11 @@ def run(
                         dtype,
                         family_of(base).image_prompt(variant_processor, base.config),
                     )
-                    analytic = F.batch_flops(model, inputs, train_tower=True)
-                    row = {
+                    if settings.freeze_tower:
+                        family_of(model).vision_tower(model).requires_grad_(False)
+                    analytic = F.batch_flops(model, inputs, train_tower=not settings.freeze_tower)
+                    built[name] = (model, inputs)
+                    measured[name] = {
                         "variant": name,
                         "batch": batch,
                         "dtype": dtype_name,
@@ -231,11 +246,21 @@ def run(
                         "prefill_flops": analytic["prefill"],
                         "train_flops": analytic["train"],
                     }
-                    row.update(measure(model, inputs, settings))
-                    measured[name] = row
-                    del model
-                    if settings.device.startswith("cuda"):
-                        torch.cuda.empty_cache()
+                # interleaved rounds (vanilla, no-KV, Skip-Vision; again ...): a slow drift in the machine's speed
+                # hits every variant alike instead of whichever ran last; medians over the rounds
+                samples: dict[str, list[dict[str, Any]]] = {name: [] for name in built}
+                one = replace(settings, repeats=1)
+                for _ in range(settings.repeats):
+                    for name, (model, inputs) in built.items():
+                        samples[name].append(measure(model, inputs, one))
+                for name, row in measured.items():
+                    for key, first in samples[name][0].items():
+                        values = [sample[key] for sample in samples[name]]
+                        timed = key.endswith("seconds") or key.endswith("per_token")
+                        row[key] = median_or_none(values) if timed else first
+                del built
+                if settings.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
                 vanilla = measured["vanilla"]
                 for row in measured.values():
                     for key in RATIO_KEYS:

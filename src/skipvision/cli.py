@@ -253,6 +253,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         repeats=args.repeats,
         warmup=args.warmup,
         train=not args.no_train,
+        freeze_tower=args.freeze_tower,
+        image_size=args.image_size,
         **({"device": args.device} if args.device else {}),
     )
     rows = run(base, processor, skip, settings)
@@ -441,9 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32"], help="dtypes to measure")
     p.add_argument("--new-tokens", type=int, default=16, help="decode steps per generate / decode timing")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (the median is reported)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed rounds, the variants interleaved in each (the median is reported)"
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up repetitions")
     p.add_argument("--no-train", action="store_true", help="skip the training-step timing")
+    p.add_argument(
+        "--freeze-tower", action="store_true", help="train step: the vision tower frozen (LLM + projector trained)"
+    )
+    p.add_argument("--image-size", type=int, default=336, help="image side for dynamic-resolution towers (Qwen-VL)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--out", help="write the rows as JSON")
     _add_skip_vision_args(p)

@@ -155,9 +155,10 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
         data_image_size=224,
     ),
     # Qwen2.5-VL / Qwen3-VL in miniature: dynamic resolution up to 336 / 384 px (12x12 = 144 merged tokens; 14 / 16 px
-    # patches, 2x2 merge); the full layout keeps a quarter (every 2nd row and column) and merges the rest to 36
+    # patches, 2x2 merge) and a 6-layer 384-wide text model; the full layout keeps a quarter (every 2nd row and
+    # column) and merges the rest to 36
     "tiny-qwen2.5-vl": ModelPreset(
-        "qwen2.5-vl", 336, 14, 64, 2, 256, 688, 4, 8, 4, SkipVisionConfig(0.25, 36, selection="grid")
+        "qwen2.5-vl", 336, 14, 64, 2, 384, 1024, 6, 8, 4, SkipVisionConfig(0.25, 36, selection="grid")
     ),
     "tiny-qwen3-vl": ModelPreset(
         "qwen3-vl", 192, 16, 64, 2, 256, 688, 4, 8, 4, SkipVisionConfig(0.25, 9, selection="grid")
