@@ -1,7 +1,8 @@
 """``skipvision demo``: the whole story in minutes on a CPU.
 
-Generate the embedded shapes dataset, build a tiny random model of the preset's family (LLaVA-1.5, or LLaVA-NeXT
-for the SV-LLaVA-HD setting), fine-tune a vanilla copy and a Skip-Vision copy with the same budget and seed,
+Generate the embedded shapes dataset, build a tiny random model of the preset's family (LLaVA-1.5, LLaVA-NeXT for
+the SV-LLaVA-HD setting, Qwen2.5-VL / Qwen3-VL), fine-tune a vanilla copy and a Skip-Vision copy (for Qwen-VL one
+per layout: in place and full) with the same budget and seed,
 evaluate both with ``generate``, measure FLOPs, latency and KV-cache size side by side, and write
 ``report.json`` plus a trade-off plot (accuracy vs FLOPs, marker size = latency).
 """
@@ -16,12 +17,37 @@ from typing import Any
 from . import flops as F
 from .api import family_of, from_pretrained, load_processor
 from .bench import BenchSettings, make_inputs, measure
+from .config import SkipVisionConfig
 from .data import LlavaCollator, LlavaJsonDataset, make_dataset
 from .evaluate import evaluate
-from .presets import get_preset, init_model
+from .presets import QWEN_FAMILIES, get_preset, init_model
 from .train import TrainConfig, train
 
-DEFAULT_STEPS = {"tiny": 700, "small": 150, "tiny-next": 300, "tiny-onevision": 300}
+DEFAULT_STEPS = {
+    "tiny": 700,
+    "small": 150,
+    "tiny-next": 300,
+    "tiny-onevision": 300,
+    "tiny-qwen2.5-vl": 300,
+    "tiny-qwen3-vl": 300,
+}
+COLORS = {"vanilla": "#888888", "skip_vision": "#1f77b4", "skip_vision_inplace": "#ff7f0e"}
+
+
+def demo_variants(preset: str) -> dict[str, SkipVisionConfig | None]:
+    """The runs the demo compares: vanilla and the preset's Skip-Vision setting; for families with both layouts
+    (Qwen-VL), also the in-place layout at the same retained share."""
+    spec = get_preset(preset)
+    runs: dict[str, SkipVisionConfig | None] = {"vanilla": None}
+    if spec.family in QWEN_FAMILIES:
+        cfg = spec.skip_vision
+        runs["skip_vision_inplace"] = SkipVisionConfig(
+            cfg.num_retained, None, cfg.selection, "none", summary_tokens=False, layout="inplace"
+        )
+    runs["skip_vision"] = spec.skip_vision
+    return runs
+
+
 DEFAULT_EXAMPLES = 6000
 BATCH_SIZE = 8
 LEARNING_RATE = 1e-3
@@ -49,8 +75,8 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     base_flops = report["vanilla"]["prefill_flops"]
     base_latency = report["vanilla"]["generate_seconds"]
-    for name, color in (("vanilla", "#888888"), ("skip_vision", "#1f77b4")):
-        r = report[name]
+    for name in report["variants"]:
+        r, color = report[name], COLORS.get(name, "#2ca02c")
         x = 100 * r["prefill_flops"] / base_flops
         size = 600 * r["generate_seconds"] / base_latency
         ax.scatter([x], [100 * r["accuracy"]], s=size, color=color, alpha=0.6, edgecolors="black")
@@ -90,7 +116,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    v, s = report["vanilla"], report["skip_vision"]
+    names = report["variants"]
+    vanilla = report["vanilla"]
     rows = [
         ("accuracy (exact match)", "accuracy", "{:.3f}", 1),
         ("train wall time (s)", "train_seconds", "{:.1f}", 1),
@@ -103,11 +130,17 @@ def format_table(report: dict[str, Any]) -> str:
         ("generate 16 tokens (ms)", "generate_seconds", "{:.1f}", 1e3),
         ("KV cache after prefill (KiB)", "kv_cache_bytes", "{:.1f}", 1 / 1024),
     ]
-    lines = [f"{'':34}{'vanilla':>12}{'skip_vision':>14}{'ratio':>9}", "-" * 69]
+    others = [n for n in names if n != "vanilla"]
+    head = f"{'':34}{'vanilla':>12}" + "".join(f"{n:>22}{'ratio':>8}" for n in others)
+    lines = [head, "-" * len(head)]
     show = lambda x, fmt, scale: "-" if x is None else fmt.format(x * scale)  # noqa: E731  (None: not resolved)
     for label, key, fmt, scale in rows:
-        ratio = s[key] / v[key] if v[key] and s[key] is not None else float("nan")
-        lines.append(f"{label:34}{show(v[key], fmt, scale):>12}{show(s[key], fmt, scale):>14}{ratio:>9.3f}")
+        line = f"{label:34}{show(vanilla[key], fmt, scale):>12}"
+        for name in others:
+            value = report[name][key]
+            ratio = _ratio(value, vanilla[key])
+            line += f"{show(value, fmt, scale):>22}{'-' if ratio is None else f'{ratio:.3f}':>8}"
+        lines.append(line)
     lines.append(f"answer-prior baseline accuracy: {report['chance_accuracy']:.3f}")
     lines.append(
         "(measured FLOPs come from torch's FlopCounterMode, which charges full T x T attention and 2.5x for"
@@ -133,6 +166,7 @@ def demo(
     )
     print(f"[2/5] tiny {spec.family} ({preset}, random init): {out / 'base'}")
     base = init_model(preset, out / "base", seed=seed)
+    runs = demo_variants(preset)
     report: dict[str, Any] = {
         "preset": preset,
         "family": spec.family,
@@ -141,8 +175,10 @@ def demo(
         "batch_size": BATCH_SIZE,
         "image_size": spec.data_image_size,
         "skip_vision_config": spec.skip_vision.to_dict(),
+        "variants": list(runs),
+        "configs": {name: None if cfg is None else cfg.to_dict() for name, cfg in runs.items()},
     }
-    for name, cfg in (("vanilla", None), ("skip_vision", spec.skip_vision)):
+    for name, cfg in runs.items():
         print(f"[3/5] training {name}: {steps} steps, batch {BATCH_SIZE}")
         summary = train(
             TrainConfig(
@@ -165,7 +201,7 @@ def demo(
             "final_loss": summary["losses"][-1] if summary["losses"] else None,
             "checkpoint": summary["final"],
         }
-    for name in ("vanilla", "skip_vision"):
+    for name in runs:
         final = Path(report[name]["checkpoint"])
         print(f"[4/5] evaluating {name} on {test_json}")
         result = evaluate(final, test_json)
@@ -175,22 +211,24 @@ def demo(
         model = from_pretrained(final)
         settings = BenchSettings(new_tokens=16, repeats=5, train=False, device="cpu")
         size = (spec.data_image_size, spec.data_image_size)
-        inputs = make_inputs(load_processor(final), 1, F.DEFAULT_TEXT_TOKENS, size, "cpu", model.dtype)
+        processor = load_processor(final)
+        prompt = family_of(model).image_prompt(processor, model.config)
+        inputs = make_inputs(processor, 1, F.DEFAULT_TEXT_TOKENS, size, "cpu", model.dtype, prompt)
         timing = measure(model, inputs, settings)
         report[name].update(timing, prefill_flops=F.batch_flops(model, inputs)["prefill_language_model"])
     report["chance_accuracy"] = _prior_accuracy(train_json, test_json)
-    report["ratios"] = {
-        k: _ratio(report["skip_vision"][k], report["vanilla"][k])
-        for k in (
-            "train_step_seconds",
-            "train_flops",
-            "train_flops_measured",
-            "prefill_seconds",
-            "decode_seconds_per_token",
-            "kv_cache_bytes",
-            "prefill_flops",
-        )
-    }
+    keys = (
+        "train_step_seconds",
+        "train_flops",
+        "train_flops_measured",
+        "prefill_seconds",
+        "decode_seconds_per_token",
+        "kv_cache_bytes",
+        "prefill_flops",
+    )
+    ratios = {name: {k: _ratio(report[name][k], report["vanilla"][k]) for k in keys} for name in runs}
+    report["ratios"] = ratios["skip_vision"]  # the preset's own setting, as before
+    report["ratios_by_variant"] = ratios
     report["total_seconds"] = time.perf_counter() - start
     (out / "report.json").write_text(json.dumps(report, indent=1))
     _plot(report, out / "tradeoff.png")

@@ -158,7 +158,18 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
     # patches, 2x2 merge) and a 6-layer 384-wide text model; the full layout keeps a quarter (every 2nd row and
     # column) and merges the rest to 36
     "tiny-qwen2.5-vl": ModelPreset(
-        "qwen2.5-vl", 336, 14, 64, 2, 384, 1024, 6, 8, 4, SkipVisionConfig(0.25, 36, selection="grid")
+        "qwen2.5-vl",
+        336,
+        14,
+        64,
+        2,
+        384,
+        1024,
+        6,
+        8,
+        4,
+        SkipVisionConfig(0.25, 36, selection="grid"),
+        data_image_size=336,
     ),
     "tiny-qwen3-vl": ModelPreset(
         "qwen3-vl", 192, 16, 64, 2, 256, 688, 4, 8, 4, SkipVisionConfig(0.25, 9, selection="grid")
@@ -319,8 +330,7 @@ def build_model(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast, seed: i
         raise ValueError(f"no tiny builder for family {preset.family!r}")
     torch.manual_seed(seed)
     model = model_class(config)
-    if preset.family not in QWEN_FAMILIES:
-        _informative_tower_init(model, preset)
+    _informative_tower_init(model, preset)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
@@ -367,21 +377,28 @@ def _informative_tower_init(model: PreTrainedModel, preset: ModelPreset) -> None
     tiny LLaVA cannot learn to read them in minutes. Three patch-embedding channels read each patch's mean colour,
     the other filters and the position embeddings get a larger scale.
     """
-    tower = model.model.vision_tower
-    embeddings = getattr(tower, "vision_model", tower).embeddings
-    patch = embeddings.patch_embedding.weight  # (hidden, 3, p, p)
-    patch.normal_(0.0, 1.0 / (3 * preset.patch_size))
+    if preset.family in QWEN_FAMILIES:
+        # Qwen-VL: a Conv3d over (frames, p, p) patches; positions are rotary (Qwen2.5) or learned (Qwen3)
+        visual = model.model.visual
+        patch, position = visual.patch_embed.proj.weight, getattr(visual, "pos_embed", None)
+    else:
+        tower = model.model.vision_tower
+        embeddings = getattr(tower, "vision_model", tower).embeddings
+        patch, position = embeddings.patch_embedding.weight, embeddings.position_embedding
+    pixels = patch[0, 0].numel()  # (hidden, 3, [frames,] p, p): the pixels one channel filter reads
+    patch.normal_(0.0, 1.0 / (3 * pixels**0.5))
     patch[:3].zero_()
     for channel in range(3):
-        patch[channel, channel].fill_(4.0 / preset.patch_size**2)
-    embeddings.position_embedding.weight.normal_(0.0, 0.5)
+        patch[channel, channel].fill_(4.0 / pixels)
+    if position is not None:
+        position.weight.normal_(0.0, 0.5)
 
 
 def init_model(preset_name: str, out: str | Path, seed: int = 0) -> Path:
     """Write a vanilla tiny checkpoint (model, tokenizer, processor with the vanilla count) to ``out``."""
     preset = get_preset(preset_name)
     out = Path(out)
-    tokenizer = build_tokenizer(tokenizer_corpus())
+    tokenizer = build_tokenizer(tokenizer_corpus(), family=preset.family)
     model = build_model(preset, tokenizer, seed)
     model.save_pretrained(out)
     save_processor(build_processor(preset, tokenizer), out)
