@@ -140,3 +140,33 @@ def test_image_layout_per_image_count():
     assert cfg.image_layout(20).total == 12 and cfg.image_layout(8).skipped_span == (5, 9)
     native = skipvision.vanilla_config().image_layout(37)
     assert native.native and native.total == 37 and native.skipped == 0
+
+
+def test_in_place_and_fractional_configs():
+    cfg = SkipVisionConfig(0.25, layout="inplace", merge="none", summary_tokens=False, selection="grid")
+    layout = cfg.image_layout(36)
+    assert (layout.retained, layout.skipped, layout.total, layout.in_place) == (9, 27, 36, True)
+    assert SkipVisionConfig(0.25, 4, selection="grid").image_layout(32).total == 8 + 4 + 2
+    assert SkipVisionConfig(0.01, 4).retained_count(10) == 1  # a fraction keeps at least one token
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        SkipVisionConfig(1.5, 4)
+    with pytest.raises(ValueError, match="layout='inplace'"):
+        SkipVisionConfig(0.25, 4, layout="inplace")  # merge / summary / num_skipped of the full layout
+    with pytest.raises(ValueError, match="unknown layout"):
+        SkipVisionConfig(0.25, 4, layout="sideways")
+    with pytest.raises(ValueError, match="full_layout|depends on the image"):
+        SkipVisionConfig(0.25, 4).full_layout()
+    round_trip = SkipVisionConfig.from_dict(cfg.to_dict())
+    assert round_trip == cfg
+
+
+def test_grid_selection_keeps_a_regular_sub_grid():
+    from skipvision.selection import grid_scores
+
+    keep = grid_scores((1, 4, 8)).topk(8).indices.sort().values
+    rows, cols = keep // 8, keep % 8
+    assert set(rows.tolist()) == {0, 2} and set(cols.tolist()) == {0, 2, 4, 6}  # every 2nd row and column
+    keep16 = grid_scores((1, 8, 8)).topk(4).indices.sort().values
+    assert keep16.tolist() == [0, 4, 32, 36]  # a sixteenth: every 4th row and column
+    video = grid_scores((2, 4, 4))
+    assert torch.equal(video[:16], video[16:])  # each frame the same pattern

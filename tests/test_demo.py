@@ -30,3 +30,16 @@ def test_demo_writes_report_and_plot(tmp_path):
     assert report["skip_vision"]["train_flops"] < report["vanilla"]["train_flops"]
     assert 0 < report["chance_accuracy"] < 1
     assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_qwen_demo_compares_both_layouts(tmp_path):
+    demo(out=tmp_path, preset="tiny-qwen2.5-vl", steps=2, num_examples=40)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["variants"] == ["vanilla", "skip_vision_inplace", "skip_vision"]
+    assert report["configs"]["skip_vision_inplace"]["layout"] == "inplace"
+    for variant in report["variants"][1:]:
+        for field in FIELDS:
+            assert isinstance(report[variant][field], (int, float)), (variant, field)
+        assert report[variant]["kv_cache_bytes"] < report["vanilla"]["kv_cache_bytes"]
+        assert report["ratios_by_variant"][variant]["prefill_flops"] < 1

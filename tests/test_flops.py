@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import IMAGE_TOKEN_ID, pair, prompts
 
+import skipvision
 from skipvision import SkipVisionConfig
 from skipvision import flops as F
 
@@ -150,3 +151,22 @@ def test_anyres_presets_scale_with_tiles():
     assert F.PRESETS["llava-hd-llama3-8b"].shape_for(4).native_tokens == 576 * 5
     with pytest.raises(ValueError, match="no tiles"):
         F.PRESETS["llava-llama3-8b"].shape_for(2)
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_qwen_tower_flops_match_flop_counter(preset):
+    """The analytic Qwen-VL tower (patch embedding, blocks, merger and Qwen3's deepstack mergers) counts exactly
+    what FlopCounterMode counts for one non-square image."""
+    from dataclasses import replace as dc_replace
+
+    from skipvision.presets import MODEL_PRESETS, build_model, build_tokenizer, tokenizer_corpus
+
+    spec = dc_replace(MODEL_PRESETS[preset], text_hidden=64, text_intermediate=128, text_layers=1)
+    model = build_model(spec, build_tokenizer(tokenizer_corpus(), family=spec.family)).eval()
+    grid = torch.tensor([[1, 8, 12]])
+    pixels = torch.randn(int(grid.prod()), 3 * 2 * spec.patch_size**2)
+    with torch.no_grad():
+        measured, _ = F.measured_flops(lambda: model.model.get_image_features(pixels, grid))
+    family = skipvision.family_of(model.config)
+    tower, projector = family.tower_flops(model.config, 1, {"image_grid_thw": grid})
+    assert tower + projector == measured

@@ -47,6 +47,7 @@ class VisionShape:
     patch_count: int | None = None  # patches of a non-square input (dynamic resolution); None: side**2
     merge: int = 1  # Qwen-VL's patch merger: merge x merge patches -> one token (an MLP on their concatenation)
     temporal_patch: int = 1  # frames per patch (Qwen-VL embeds still images as 2 identical frames)
+    gated_mlp: bool = False  # SwiGLU MLP (three matrices; Qwen2.5-VL's tower) instead of two
 
     @property
     def tokens(self) -> int:
@@ -100,7 +101,8 @@ def decoder_layer_flops(
 def tower_pass_flops(v: VisionShape) -> int:
     """One ViT pass: patch embedding plus every layer (projections, attention over all tokens, MLP)."""
     t = v.tokens
-    layer = 2 * t * 4 * v.hidden * v.hidden + 4 * v.hidden * t * t + 2 * t * 2 * v.hidden * v.intermediate
+    mlp_matrices = 3 if v.gated_mlp else 2
+    layer = 2 * t * 4 * v.hidden * v.hidden + 4 * v.hidden * t * t + 2 * t * mlp_matrices * v.hidden * v.intermediate
     return v.layers * layer + 2 * v.patches * 3 * v.temporal_patch * v.patch * v.patch * v.hidden
 
 
@@ -256,7 +258,9 @@ QWEN2_7B = TextShape(hidden=3584, intermediate=18944, layers=28, heads=28, kv_he
 def qwen2_5_vl_7b(side: int) -> ModelShape:
     """Qwen2.5-VL-7B with one ``side`` x ``side`` px image (a multiple of 28: ``(side / 28)**2`` tokens)."""
     grid = side // 28
-    vision = VisionShape(1280, 3420, 32, 0, 14, cls=False, patch_count=4 * grid * grid, merge=2, temporal_patch=2)
+    vision = VisionShape(
+        1280, 3420, 32, 0, 14, cls=False, patch_count=4 * grid * grid, merge=2, temporal_patch=2, gated_mlp=True
+    )
     return ModelShape(QWEN2_7B, vision, visual_tokens=grid * grid)
 
 
@@ -384,6 +388,7 @@ def qwen_vision_shape(config: Any, grid: tuple[int, int]) -> VisionShape:
         patch_count=patches,
         merge=merge,
         temporal_patch=v.temporal_patch_size,
+        gated_mlp=config.model_type == "qwen2_5_vl",
     )
 
 

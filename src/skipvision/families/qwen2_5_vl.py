@@ -197,10 +197,11 @@ class QwenVLFamily(Family):
         from ..flops import projector_flops, tower_pass_flops
 
         tower = projector = 0
+        mergers = 1 + len(getattr(config.vision_config, "deepstack_visual_indexes", None) or [])  # Qwen3: deepstack
         for _, h, w in self.token_grids(config, image_inputs):
             shape = self.model_shape(config, (h, w))
             tower += tower_pass_flops(shape.vision)
-            projector += projector_flops(shape.vision, shape.text.hidden, h * w)
+            projector += mergers * projector_flops(shape.vision, shape.text.hidden, h * w)
         return tower, projector
 
     def model_shape(self, config: PretrainedConfig, grid: tuple[int, int] = (16, 16)):
