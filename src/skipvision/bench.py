@@ -124,7 +124,16 @@ def kv_cache_bytes(cache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
-def measure(model: PreTrainedModel, inputs: dict[str, torch.Tensor], settings: BenchSettings) -> dict[str, Any]:
+PHASES = ("inference", "train")
+
+
+def measure(
+    model: PreTrainedModel,
+    inputs: dict[str, torch.Tensor],
+    settings: BenchSettings,
+    phases: tuple[str, ...] = PHASES,
+) -> dict[str, Any]:
+    """Time ``phases`` of one model: "inference" (prefill, generate, decode step, KV bytes), "train" (a step)."""
     prompt = {k: v for k, v in inputs.items() if k != "labels"}
     text_config = model.config.get_text_config()
     gen_kwargs = dict(
@@ -137,20 +146,9 @@ def measure(model: PreTrainedModel, inputs: dict[str, torch.Tensor], settings: B
     # the other variants' models stay on the device between interleaved rounds: not this model's memory
     others = torch.cuda.memory_allocated() - model_bytes(model) if settings.device.startswith("cuda") else 0
     with torch.no_grad():
-        cache = model(**prompt, use_cache=True, logits_to_keep=1).past_key_values
-        result["kv_cache_bytes"] = kv_cache_bytes(cache)
-        del cache
-        if settings.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        result["prefill_seconds"] = median_seconds(lambda: model(**prompt, use_cache=True, logits_to_keep=1), settings)
-        n = settings.new_tokens
-        result["generate_seconds"] = median_seconds(
-            lambda: model.generate(**prompt, max_new_tokens=n + 1, min_new_tokens=n + 1, **gen_kwargs), settings
-        )
-        result["decode_seconds_per_token"] = decode_seconds_per_token(model, prompt, settings)
-        if settings.device.startswith("cuda"):
-            result["peak_inference_memory_bytes"] = torch.cuda.max_memory_allocated() - others
-    if settings.train:
+        if "inference" in phases:
+            result.update(_inference(model, prompt, settings, gen_kwargs, others))
+    if settings.train and "train" in phases:
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -166,6 +164,24 @@ def measure(model: PreTrainedModel, inputs: dict[str, torch.Tensor], settings: B
             result["peak_train_memory_bytes"] = torch.cuda.max_memory_allocated() - others
         del optimizer
         model.eval()
+    return result
+
+
+def _inference(model: PreTrainedModel, prompt: dict, settings: BenchSettings, gen_kwargs: dict, others: int) -> dict:
+    result: dict[str, Any] = {}
+    cache = model(**prompt, use_cache=True, logits_to_keep=1).past_key_values
+    result["kv_cache_bytes"] = kv_cache_bytes(cache)
+    del cache
+    if settings.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    result["prefill_seconds"] = median_seconds(lambda: model(**prompt, use_cache=True, logits_to_keep=1), settings)
+    n = settings.new_tokens
+    result["generate_seconds"] = median_seconds(
+        lambda: model.generate(**prompt, max_new_tokens=n + 1, min_new_tokens=n + 1, **gen_kwargs), settings
+    )
+    result["decode_seconds_per_token"] = decode_seconds_per_token(model, prompt, settings)
+    if settings.device.startswith("cuda"):
+        result["peak_inference_memory_bytes"] = torch.cuda.max_memory_allocated() - others
     return result
 
 
@@ -248,16 +264,18 @@ def run(
                     }
                 # interleaved rounds (vanilla, no-KV, Skip-Vision; again ...): a slow drift in the machine's speed
                 # hits every variant alike instead of whichever ran last; medians over the rounds
-                samples: dict[str, list[dict[str, Any]]] = {name: [] for name in built}
+                # phase by phase (all inference rounds, then all training rounds)
                 one = replace(settings, repeats=1)
-                for _ in range(settings.repeats):
-                    for name, (model, inputs) in built.items():
-                        samples[name].append(measure(model, inputs, one))
-                for name, row in measured.items():
-                    for key, first in samples[name][0].items():
-                        values = [sample[key] for sample in samples[name]]
-                        timed = key.endswith("seconds") or key.endswith("per_token")
-                        row[key] = median_or_none(values) if timed else first
+                for phase in PHASES:
+                    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in built}
+                    for _ in range(settings.repeats):
+                        for name, (model, inputs) in built.items():
+                            samples[name].append(measure(model, inputs, one, (phase,)))
+                    for name, row in measured.items():
+                        for key, first in samples[name][0].items():
+                            values = [sample[key] for sample in samples[name]]
+                            timed = key.endswith("seconds") or key.endswith("per_token")
+                            row[key] = median_or_none(values) if timed else first
                 del built
                 if settings.device.startswith("cuda"):
                     torch.cuda.empty_cache()
