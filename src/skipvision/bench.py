@@ -222,6 +222,27 @@ RATIO_KEYS = (
 )
 
 
+def measure_interleaved(
+    built: dict[str, tuple[PreTrainedModel, dict[str, torch.Tensor]]], settings: BenchSettings
+) -> dict[str, dict[str, Any]]:
+    """:func:`measure` for several (model, inputs) at once, in interleaved rounds: phase by phase (all inference
+    rounds, then all training rounds), each round times every model once after its warm-up, so a drift in the
+    machine's speed hits all of them alike instead of whichever ran last. Times are medians over the rounds."""
+    one = replace(settings, repeats=1)
+    results: dict[str, dict[str, Any]] = {name: {} for name in built}
+    for phase in PHASES:
+        samples: dict[str, list[dict[str, Any]]] = {name: [] for name in built}
+        for _ in range(settings.repeats):
+            for name, (model, inputs) in built.items():
+                samples[name].append(measure(model, inputs, one, (phase,)))
+        for name, row in results.items():
+            for key, first in samples[name][0].items():
+                values = [sample[key] for sample in samples[name]]
+                timed = key.endswith("seconds") or key.endswith("per_token")
+                row[key] = median_or_none(values) if timed else first
+    return results
+
+
 def run(
     base: PreTrainedModel, processor: ProcessorMixin, skip: SkipVisionConfig, settings: BenchSettings
 ) -> list[dict[str, Any]]:
@@ -262,20 +283,8 @@ def run(
                         "prefill_flops": analytic["prefill"],
                         "train_flops": analytic["train"],
                     }
-                # interleaved rounds (vanilla, no-KV, Skip-Vision; again ...): a slow drift in the machine's speed
-                # hits every variant alike instead of whichever ran last; medians over the rounds
-                # phase by phase (all inference rounds, then all training rounds)
-                one = replace(settings, repeats=1)
-                for phase in PHASES:
-                    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in built}
-                    for _ in range(settings.repeats):
-                        for name, (model, inputs) in built.items():
-                            samples[name].append(measure(model, inputs, one, (phase,)))
-                    for name, row in measured.items():
-                        for key, first in samples[name][0].items():
-                            values = [sample[key] for sample in samples[name]]
-                            timed = key.endswith("seconds") or key.endswith("per_token")
-                            row[key] = median_or_none(values) if timed else first
+                for name, timing in measure_interleaved(built, settings).items():
+                    measured[name].update(timing)
                 del built
                 if settings.device.startswith("cuda"):
                     torch.cuda.empty_cache()

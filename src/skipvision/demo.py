@@ -16,7 +16,7 @@ from typing import Any
 
 from . import flops as F
 from .api import family_of, from_pretrained, load_processor
-from .bench import BenchSettings, make_inputs, measure
+from .bench import BenchSettings, make_inputs, measure_interleaved
 from .config import SkipVisionConfig
 from .data import LlavaCollator, LlavaJsonDataset, make_dataset
 from .evaluate import evaluate
@@ -201,21 +201,24 @@ def demo(
             "final_loss": summary["losses"][-1] if summary["losses"] else None,
             "checkpoint": summary["final"],
         }
+    built = {}
     for name in runs:
         final = Path(report[name]["checkpoint"])
         print(f"[4/5] evaluating {name} on {test_json}")
         result = evaluate(final, test_json)
         report[name].update(accuracy=result["accuracy"], per_type=result["per_type"])
-        print(f"[5/5] measuring {name}: FLOPs, latency, KV cache")
         report[name].update(_train_flops(final, train_json))
         model = from_pretrained(final)
-        settings = BenchSettings(new_tokens=16, repeats=5, train=False, device="cpu")
         size = (spec.data_image_size, spec.data_image_size)
         processor = load_processor(final)
         prompt = family_of(model).image_prompt(processor, model.config)
         inputs = make_inputs(processor, 1, F.DEFAULT_TEXT_TOKENS, size, "cpu", model.dtype, prompt)
-        timing = measure(model, inputs, settings)
-        report[name].update(timing, prefill_flops=F.batch_flops(model, inputs)["prefill_language_model"])
+        report[name]["prefill_flops"] = F.batch_flops(model, inputs)["prefill_language_model"]
+        built[name] = (model, inputs)
+    print(f"[5/5] measuring {', '.join(runs)} side by side: latency, KV cache")
+    settings = BenchSettings(new_tokens=16, repeats=5, train=False, device="cpu")
+    for name, timing in measure_interleaved(built, settings).items():
+        report[name].update(timing)
     report["chance_accuracy"] = _prior_accuracy(train_json, test_json)
     keys = (
         "train_step_seconds",
