@@ -14,6 +14,8 @@ from .families import FAMILIES
 from .families.llava import SkipVisionLlavaForConditionalGeneration
 from .families.llava_next import SkipVisionLlavaNextForConditionalGeneration
 from .families.llava_onevision import SkipVisionLlavaOnevisionForConditionalGeneration
+from .families.qwen2_5_vl import SkipVisionQwen2_5_VLForConditionalGeneration
+from .families.qwen3_vl import SkipVisionQwen3VLForConditionalGeneration
 from .layout import skipped_token_mask
 from .merge import bipartite_merge
 from .model import Family, SkipVisionMixin
@@ -32,6 +34,8 @@ __all__ = [
     "SkipVisionLlavaNextForConditionalGeneration",
     "SkipVisionLlavaOnevisionForConditionalGeneration",
     "SkipVisionMixin",
+    "SkipVisionQwen2_5_VLForConditionalGeneration",
+    "SkipVisionQwen3VLForConditionalGeneration",
     "SummaryScorer",
     "bipartite_merge",
     "checkpoint_skip_vision",
