@@ -75,7 +75,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     base_flops = report["vanilla"]["prefill_flops"]
     base_latency = report["vanilla"]["generate_seconds"]
-    for name in report["variants"]:
+    for name in report.get("variants", ["vanilla", "skip_vision"]):
         r, color = report[name], COLORS.get(name, "#2ca02c")
         x = 100 * r["prefill_flops"] / base_flops
         size = 600 * r["generate_seconds"] / base_latency
@@ -116,7 +116,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    names = report["variants"]
+    names = report.get("variants", ["vanilla", "skip_vision"])
     vanilla = report["vanilla"]
     rows = [
         ("accuracy (exact match)", "accuracy", "{:.3f}", 1),
