@@ -1,8 +1,10 @@
 """The generic Skip-Vision model: one mixin over any HF ``*ForConditionalGeneration`` a family adapter describes.
 
-The mixin knows no family. It embeds text, asks the family for each image's visual tokens, assembles
-``[R, sigma_R, S, sigma_S]`` per image (``sequence.py``), scatters them into the placeholders, passes the FFN row
-index down to the Skip-FFN decoder layers, and prunes the cache after prefill. A family (``families/<name>.py``)
+The mixin knows no family. In the full layout it embeds text, asks the family for each image's visual tokens,
+assembles ``[R, sigma_R, S, sigma_S]`` per image (``sequence.py``), scatters them into the placeholders and, for
+M-RoPE families, asks the family for the positions; in place (and for the vanilla config) it leaves embedding and
+positions to the HF model and only marks the skipped tokens. Either way it passes the FFN row index down to the
+Skip-FFN decoder layers and prunes the cache after prefill. A family (``families/<name>.py``)
 states its facts by subclassing :class:`Family`; its model class is ``SkipVisionMixin`` + the HF class.
 No transformers modeling code is copied.
 """
