@@ -9,7 +9,7 @@ import torch
 
 from .selection import SELECTIONS, selection_strategy
 
-MERGES = ("tome", "none")
+MERGES = ("tome", "none", "drop")
 LAYOUTS = ("full", "inplace")
 
 
@@ -84,7 +84,7 @@ class SkipVisionConfig:
             ``selection.grid_scores``); ``"position"`` keeps the first N_r in raster order. Irrelevant when N_r
             equals the eligible tokens.
         merge: ``"tome"`` merges the candidates down to N_s with one-shot bipartite matching; ``"none"`` needs
-            at most N_s candidates.
+            at most N_s candidates; ``"drop"`` removes them (token pruning, for the peer methods; ``num_skipped=0``).
         summary_tokens: add the two attention-pooled summary tokens sigma_R and sigma_S.
         skip_kv_cache: after prefill, remove the skipped tokens' keys/values from the cache.
         skip_layers: decoder layers where S bypasses the FFN; ``None`` means all layers.
@@ -136,6 +136,11 @@ class SkipVisionConfig:
             raise ValueError(f"unknown selection {self.selection!r}; choose one of {tuple(SELECTIONS)}")
         if self.merge not in MERGES:
             raise ValueError(f"unknown merge {self.merge!r}; choose one of {MERGES}")
+        if self.merge == "drop" and self.num_skipped != 0:
+            raise ValueError(
+                f"merge='drop' removes the skip candidates (token pruning), so it needs num_skipped=0; got "
+                f"num_skipped={self.num_skipped}"
+            )
         for name in ("summary_tokens", "skip_kv_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -246,7 +251,7 @@ class SkipVisionConfig:
                         f"({fixed} visual tokens - {retained} retained); got num_skipped={self.num_skipped}. "
                         "Use merge='tome' to merge the candidates down to num_skipped, or num_skipped=None."
                     )
-            if self.num_skipped == 0:
+            if self.num_skipped == 0 and self.merge != "drop":
                 if fixed is None:
                     raise ValueError(
                         "num_skipped=0 leaves no room for the skip candidates (the tiles' tokens always are some); "

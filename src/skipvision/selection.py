@@ -67,9 +67,33 @@ class GridSelection:
         return 0
 
 
-Selection = PositionSelection | ClsAttentionSelection | GridSelection
+@dataclass(frozen=True)
+class RandomSelection:
+    """A fixed pseudo-random subset of N_r eligible tokens (the same for every image of the same size): the floor
+    the peer comparison measures the other selections against."""
 
-SELECTIONS: dict[str, Selection] = {s.name: s for s in (ClsAttentionSelection(), GridSelection(), PositionSelection())}
+    name: str = "random"
+    needs_cls: bool = False
+    needs_grid: bool = False
+
+    def scores(self, attention: nn.Module | None, hidden_states: torch.Tensor | None) -> None:
+        return None
+
+    def overhead_flops(self, vision_hidden: int, vision_tokens: int) -> int:
+        return 0
+
+
+def random_scores(tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Scores ``(tokens,)`` of :class:`RandomSelection`, seeded by the token count (reproducible)."""
+    generator = torch.Generator().manual_seed(tokens)
+    return torch.rand(tokens, generator=generator).to(device)
+
+
+Selection = PositionSelection | ClsAttentionSelection | GridSelection | RandomSelection
+
+SELECTIONS: dict[str, Selection] = {
+    s.name: s for s in (ClsAttentionSelection(), GridSelection(), PositionSelection(), RandomSelection())
+}
 
 
 @functools.lru_cache(maxsize=256)

@@ -17,7 +17,7 @@ import torch
 from .config import SkipVisionConfig
 from .layout import square_grid
 from .merge import merge_plan
-from .selection import grid_scores, selection_strategy
+from .selection import grid_scores, random_scores, selection_strategy
 from .summary import SummaryScorer
 
 
@@ -64,6 +64,8 @@ def retained_indices(
 
 def image_scores(image: ImageTokens, config: SkipVisionConfig) -> torch.Tensor | None:
     """The ranking of an image's eligible tokens: the family's scores, or the grid's for a grid selection."""
+    if image.scores is None and config.selection == "random":
+        return random_scores(image.eligible, image.tokens.device)
     if image.scores is None and selection_strategy(config.selection).needs_grid:
         # without a stated grid: a square one if the count is a square, else one row
         grid = image.grid or square_grid(image.eligible) or (1, 1, image.eligible)
@@ -107,7 +109,10 @@ def assemble(images: list[ImageTokens], config: SkipVisionConfig, scorer: Summar
             retained, rest = retained_indices(eligible, layout.retained, scores, n, device)
             candidates = torch.cat([rest, torch.arange(eligible, visual, device=device).expand(n, -1)], dim=1)
             candidate_tokens = gather(tokens, candidates)
-            if candidates.shape[1] > layout.skipped:
+            if config.merge == "drop":  # token pruning: the candidates leave the sequence
+                merge = lambda x: x[:, :0]  # noqa: E731
+                skipped_sources = candidates[:, :0]
+            elif candidates.shape[1] > layout.skipped:
                 if config.merge != "tome":
                     raise ValueError(
                         f"an image has {candidates.shape[1]} skip candidates but merge='none' and num_skipped="

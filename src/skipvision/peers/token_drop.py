@@ -1,0 +1,24 @@
+"""Token dropping before the language model: keep ``budget`` tokens of each image and remove the rest. The floors
+of the peer comparison: ``order="random"`` (a fixed pseudo-random subset) or ``order="position"`` (the first
+``budget`` in raster order)."""
+
+from __future__ import annotations
+
+from ..config import SkipVisionConfig
+
+ORDERS = ("random", "position")
+
+
+def token_drop(budget: int, order: str = "random") -> SkipVisionConfig:
+    """``budget`` kept tokens per image, the others dropped; the kept ones run full blocks and stay cached."""
+    if order not in ORDERS:
+        raise ValueError(f"unknown order {order!r}; choose one of {ORDERS}")
+    return SkipVisionConfig(
+        num_retained=budget,
+        num_skipped=0,
+        selection=order,
+        merge="drop",
+        summary_tokens=False,
+        skip_kv_cache=False,
+        skip_layers=(),
+    )

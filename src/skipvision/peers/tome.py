@@ -1,0 +1,20 @@
+"""ToMe before the language model: every visual token of an image merged down to ``budget`` tokens with the
+one-shot bipartite merge (Bolya et al., 2023, applied once to the projector's output, as token-merging baselines for
+VLMs do)."""
+
+from __future__ import annotations
+
+from ..config import SkipVisionConfig
+
+
+def tome(budget: int) -> SkipVisionConfig:
+    """``budget`` merged tokens per image, all running full decoder blocks and kept in the cache."""
+    return SkipVisionConfig(
+        num_retained=0,
+        num_skipped=budget,
+        selection="position",
+        merge="tome",
+        summary_tokens=False,
+        skip_kv_cache=False,
+        skip_layers=(),
+    )
