@@ -108,7 +108,7 @@ def test_config_validation_and_round_trip():
     assert num_image_tokens(plain) == 10 and plain.skipped_span == (4, 10)
     bad = [
         (dict(num_retained=-1, num_skipped=3), "num_retained must be a non-negative int"),
-        (dict(num_retained=2, num_skipped=3, selection="random"), "unknown selection"),
+        (dict(num_retained=2, num_skipped=3, selection="diagonal"), "unknown selection"),
         (dict(num_retained=2, num_skipped=3, merge="avg"), "unknown merge"),
         (dict(num_retained=2, num_skipped=0), "summary_tokens=True pools over R and over S"),
         (dict(num_retained=2, num_skipped=3, skip_layers=(1, 1)), "duplicates"),

@@ -14,19 +14,23 @@ import torch
 from torch import nn
 
 
-@dataclass(frozen=True)
-class PositionSelection:
-    """The first N_r eligible tokens in raster order; needs nothing from the tower."""
-
-    name: str = "position"
-    needs_cls: bool = False
-    needs_grid: bool = False
+class _TowerFree:
+    """A selection that takes nothing from the tower: no attention scores, no extra FLOPs."""
 
     def scores(self, attention: nn.Module | None, hidden_states: torch.Tensor | None) -> None:
         return None
 
     def overhead_flops(self, vision_hidden: int, vision_tokens: int) -> int:
         return 0
+
+
+@dataclass(frozen=True)
+class PositionSelection(_TowerFree):
+    """The first N_r eligible tokens in raster order; needs nothing from the tower."""
+
+    name: str = "position"
+    needs_cls: bool = False
+    needs_grid: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class ClsAttentionSelection:
 
 
 @dataclass(frozen=True)
-class GridSelection:
+class GridSelection(_TowerFree):
     """A regular sub-grid of the image's token grid, coarsest first (see :func:`grid_scores`).
 
     The default for towers without CLS. It needs nothing from the tower, so the tokens to skip are known before
@@ -60,27 +64,15 @@ class GridSelection:
     needs_cls: bool = False
     needs_grid: bool = True
 
-    def scores(self, attention: nn.Module | None, hidden_states: torch.Tensor | None) -> None:
-        return None
-
-    def overhead_flops(self, vision_hidden: int, vision_tokens: int) -> int:
-        return 0
-
 
 @dataclass(frozen=True)
-class RandomSelection:
+class RandomSelection(_TowerFree):
     """A fixed pseudo-random subset of N_r eligible tokens (the same for every image of the same size): the floor
     the peer comparison measures the other selections against."""
 
     name: str = "random"
     needs_cls: bool = False
     needs_grid: bool = False
-
-    def scores(self, attention: nn.Module | None, hidden_states: torch.Tensor | None) -> None:
-        return None
-
-    def overhead_flops(self, vision_hidden: int, vision_tokens: int) -> int:
-        return 0
 
 
 def random_scores(tokens: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -5,6 +5,7 @@ of the peer comparison: ``order="random"`` (a fixed pseudo-random subset) or ``o
 from __future__ import annotations
 
 from ..config import SkipVisionConfig
+from .base import before_llm
 
 ORDERS = ("random", "position")
 
@@ -13,12 +14,4 @@ def token_drop(budget: int, order: str = "random") -> SkipVisionConfig:
     """``budget`` kept tokens per image, the others dropped; the kept ones run full blocks and stay cached."""
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}; choose one of {ORDERS}")
-    return SkipVisionConfig(
-        num_retained=budget,
-        num_skipped=0,
-        selection=order,
-        merge="drop",
-        summary_tokens=False,
-        skip_kv_cache=False,
-        skip_layers=(),
-    )
+    return before_llm(budget, 0, order, "drop")

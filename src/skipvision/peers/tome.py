@@ -5,16 +5,9 @@ VLMs do)."""
 from __future__ import annotations
 
 from ..config import SkipVisionConfig
+from .base import before_llm
 
 
 def tome(budget: int) -> SkipVisionConfig:
     """``budget`` merged tokens per image, all running full decoder blocks and kept in the cache."""
-    return SkipVisionConfig(
-        num_retained=0,
-        num_skipped=budget,
-        selection="position",
-        merge="tome",
-        summary_tokens=False,
-        skip_kv_cache=False,
-        skip_layers=(),
-    )
+    return before_llm(0, budget, "position", "tome")

@@ -10,16 +10,9 @@ does.
 from __future__ import annotations
 
 from ..config import SkipVisionConfig
+from .base import before_llm
 
 
 def visionzip(dominant: int, contextual: int) -> SkipVisionConfig:
     """``dominant + contextual`` tokens per image, all running full decoder blocks and kept in the cache."""
-    return SkipVisionConfig(
-        num_retained=dominant,
-        num_skipped=contextual,
-        selection="cls_attention",
-        merge="tome",
-        summary_tokens=False,
-        skip_kv_cache=False,
-        skip_layers=(),
-    )
+    return before_llm(dominant, contextual, "cls_attention", "tome")
