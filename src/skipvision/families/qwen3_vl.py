@@ -28,8 +28,13 @@ class Qwen3VLFamily(QwenVLFamily):
     processor_class = Qwen3VLProcessor
 
     def image_extras(self, output: Any) -> list[list[torch.Tensor]]:
-        levels = output.deepstack_features or []
-        return [[level[i] for level in levels] for i in range(len(output.pooler_output))]
+        sizes = [tokens.shape[0] for tokens in output.pooler_output]
+        # transformers >= 5.23 splits each deepstack level per image; earlier versions return one tensor per level
+        levels = [
+            torch.split(level, sizes) if isinstance(level, torch.Tensor) else level
+            for level in output.deepstack_features or []
+        ]
+        return [[level[i] for level in levels] for i in range(len(sizes))]
 
     def language_model_context(
         self, model: Any, is_image: torch.Tensor, sequences: list[ImageSequence]
