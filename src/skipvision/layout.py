@@ -6,8 +6,6 @@ occupies the k-th run of its length among all placeholders; nothing depends on o
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .config import SkipVisionConfig
@@ -97,9 +95,3 @@ def placeholder_runs(is_image: torch.Tensor) -> list[int]:
         edges = [0, *breaks.tolist(), flat.numel()]
         counts.extend(b - a for a, b in zip(edges[:-1], edges[1:]))
     return counts
-
-
-def square_grid(tokens: int) -> tuple[int, int, int] | None:
-    """``(1, s, s)`` when ``tokens`` is a perfect square ``s * s``, else None (no known grid)."""
-    side = math.isqrt(tokens)
-    return (1, side, side) if side * side == tokens else None

@@ -24,8 +24,8 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_masks_for_generate
 
 from .config import SkipVisionConfig, VisionFacts
-from .layout import check_image_spans, image_token_counts, placeholder_runs, scatter_image_flags, square_grid
-from .selection import selection_strategy
+from .layout import check_image_spans, image_token_counts, placeholder_runs, scatter_image_flags
+from .selection import selection_strategy, square_grid
 from .sequence import ImageSequence, ImageTokens, assemble, in_place_flags
 from .skip_ffn import FFN_ROWS_KWARG, enable_skip_ffn, ffn_rows
 from .skip_kv import cache_slots, generated_rows_mask, prune_skipped_kv, skip_kv_state

@@ -8,6 +8,7 @@ Families capture that input; the config names the strategy.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,12 @@ from torch import nn
 
 class _TowerFree:
     """A selection that takes nothing from the tower: no attention scores, no extra FLOPs."""
+
+    def tower_free_scores(
+        self, eligible: int, grid: tuple[int, int, int] | None, device: torch.device | str | None = None
+    ) -> torch.Tensor | None:
+        """Scores ``(eligible,)`` that rank an image's eligible tokens without the tower (None: raster order)."""
+        return None
 
     def scores(self, attention: nn.Module | None, hidden_states: torch.Tensor | None) -> None:
         return None
@@ -41,6 +48,11 @@ class ClsAttentionSelection:
     needs_cls: bool = True
     needs_grid: bool = False
 
+    def tower_free_scores(
+        self, eligible: int, grid: tuple[int, int, int] | None, device: torch.device | str | None = None
+    ) -> None:
+        return None  # ranked by the tower's CLS attention, which the family captures
+
     def scores(self, attention: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         return cls_attention_scores(attention, hidden_states)
 
@@ -64,6 +76,12 @@ class GridSelection(_TowerFree):
     needs_cls: bool = False
     needs_grid: bool = True
 
+    def tower_free_scores(
+        self, eligible: int, grid: tuple[int, int, int] | None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        # without a stated grid: a square one if the count is a square, else one row
+        return grid_scores(grid or square_grid(eligible) or (1, 1, eligible), device)
+
 
 @dataclass(frozen=True)
 class RandomSelection(_TowerFree):
@@ -73,6 +91,11 @@ class RandomSelection(_TowerFree):
     name: str = "random"
     needs_cls: bool = False
     needs_grid: bool = False
+
+    def tower_free_scores(
+        self, eligible: int, grid: tuple[int, int, int] | None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        return random_scores(eligible, device)
 
 
 def random_scores(tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -100,6 +123,12 @@ def _grid_scores(grid: tuple[int, int, int], device: torch.device | str | None) 
     order = torch.arange(h * w, device=device, dtype=torch.float32)
     score = spatial * (h * w) - order  # coarser level first, then raster order: all distinct
     return score.repeat(t)
+
+
+def square_grid(tokens: int) -> tuple[int, int, int] | None:
+    """``(1, s, s)`` when ``tokens`` is a perfect square ``s * s``, else None (no known grid)."""
+    side = math.isqrt(tokens)
+    return (1, side, side) if side * side == tokens else None
 
 
 def grid_scores(grid: tuple[int, int, int], device: torch.device | str | None = None) -> torch.Tensor:
@@ -139,21 +168,3 @@ def cls_attention_scores(attention: nn.Module, hidden_states: torch.Tensor) -> t
     logits = torch.einsum("nqhd,nkhd->nhqk", query.float(), keys.float()) * attention.scale
     weights = logits.softmax(dim=-1)[:, :, 0, 1:]  # (n, heads, P): drop the CLS column
     return weights.sum(dim=1)
-
-
-def split_tokens(
-    features: torch.Tensor, num_retained: int, scores: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split ``features (n, V, d)`` into ``(R (n, N_r, d), C (n, V - N_r, d))``, both in raster order.
-
-    With ``scores (n, V)`` R is the top-``num_retained`` tokens by score; without, the first ``num_retained``.
-    """
-    n, total, dim = features.shape
-    if scores is None or num_retained == total:
-        return features[:, :num_retained], features[:, num_retained:]
-    top = scores.topk(num_retained, dim=-1).indices.sort(dim=-1).values
-    keep = torch.zeros(n, total, dtype=torch.bool, device=features.device)
-    keep.scatter_(1, top, True)
-    rest = (~keep).nonzero()[:, 1].view(n, total - num_retained)
-    gather = lambda idx: features.gather(1, idx.unsqueeze(-1).expand(-1, -1, dim))  # noqa: E731
-    return gather(top), gather(rest)

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import SkipVisionConfig
-from .layout import square_grid
 from .merge import merge_plan
-from .selection import grid_scores, random_scores, selection_strategy
+from .selection import selection_strategy
 from .summary import SummaryScorer
 
 
@@ -63,14 +62,11 @@ def retained_indices(
 
 
 def image_scores(image: ImageTokens, config: SkipVisionConfig) -> torch.Tensor | None:
-    """The ranking of an image's eligible tokens: the family's scores, or the grid's for a grid selection."""
-    if image.scores is None and config.selection == "random":
-        return random_scores(image.eligible, image.tokens.device)
-    if image.scores is None and selection_strategy(config.selection).needs_grid:
-        # without a stated grid: a square one if the count is a square, else one row
-        grid = image.grid or square_grid(image.eligible) or (1, 1, image.eligible)
-        return grid_scores(grid, image.tokens.device)
-    return image.scores
+    """The ranking of an image's eligible tokens: the family's scores, or the selection's own (grid, random)."""
+    if image.scores is not None:
+        return image.scores
+    strategy = selection_strategy(config.selection)
+    return strategy.tower_free_scores(image.eligible, image.grid, image.tokens.device)
 
 
 def centre_index(grid: tuple[int, int, int] | None, eligible: int) -> int:
@@ -150,21 +146,19 @@ def in_place_flags(
     counts: list[int], grids: list[tuple[int, int, int] | None], config: SkipVisionConfig, device: torch.device
 ) -> torch.Tensor:
     """Skipped flags of the in-place layout for images of ``counts`` tokens with token ``grids`` (row-major order
-    of all their placeholders): every token not retained by the selection. Needs no features (grid or position
-    selection)."""
+    of all their placeholders): every token not retained by the selection. Needs no features (grid, random or
+    position selection)."""
     flags = []
     strategy = selection_strategy(config.selection)
     if strategy.needs_cls:
         raise ValueError(
-            "the in-place layout selects before the tower runs, so it takes selection='grid' or 'position', "
-            f"not {config.selection!r}"
+            "the in-place layout selects before the tower runs, so it takes selection='grid', 'random' or "
+            f"'position', not {config.selection!r}"
         )
     for count, grid in zip(counts, grids):
         retained = config.retained_count(count)
-        scores = None
-        if strategy.needs_grid:
-            scores = grid_scores(grid or square_grid(count) or (1, 1, count), device)[None]
-        keep, _ = retained_indices(count, retained, scores, 1, device)
+        scores = strategy.tower_free_scores(count, grid, device)
+        keep, _ = retained_indices(count, retained, None if scores is None else scores[None], 1, device)
         image = torch.ones(count, dtype=torch.bool, device=device)
         image[keep[0]] = False
         flags.append(image)

@@ -21,8 +21,9 @@ from torch import nn
 from transformers import PretrainedConfig, ProcessorMixin
 
 from ..config import SkipVisionConfig, VisionFacts
-from ..layout import placeholder_runs, square_grid
+from ..layout import placeholder_runs
 from ..model import Family, SkipVisionMixin
+from ..selection import square_grid
 from ..skip_ffn import LLAMA_STYLE_PARTS
 
 

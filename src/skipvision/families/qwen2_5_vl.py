@@ -57,9 +57,6 @@ class QwenVLFamily(Family):
         merge = self.merge_size(config)
         return [(int(t), int(h) // merge, int(w) // merge) for t, h, w in image_inputs["image_grid_thw"].tolist()]
 
-    def tower_passes(self, config: PretrainedConfig, num_images: int, image_inputs: dict[str, Any]) -> int:
-        return num_images
-
     def num_images(self, pixel_values: torch.Tensor | None, image_inputs: dict[str, Any]) -> int:
         if pixel_values is None:
             return 0
