@@ -17,9 +17,10 @@ import time
 
 import torch
 
-from skipvision import SkipVisionConfig, configure_processor, convert, family_of, vanilla_config
+from skipvision import configure_processor, convert, family_of, vanilla_config
 from skipvision import flops as F
 from skipvision.bench import make_inputs
+from skipvision.config import in_place_config
 from skipvision.presets import build_model, build_processor, build_tokenizer, get_preset, tokenizer_corpus
 
 
@@ -37,7 +38,7 @@ def main() -> None:
     base, processor = build_model(preset, tokenizer), build_processor(preset, tokenizer)
     skip = preset.skip_vision
     if args.layout == "inplace":
-        skip = SkipVisionConfig(skip.num_retained, None, skip.selection, "none", summary_tokens=False, layout="inplace")
+        skip = in_place_config(skip.num_retained, skip.selection)
     variants = {}
     for name, cfg in (("vanilla", vanilla_config()), ("skip_vision", skip)):
         model = convert(copy.deepcopy(base), cfg)

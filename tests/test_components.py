@@ -183,3 +183,9 @@ def test_in_place_flags_follow_the_selection():
     assert kept("grid", (1, 4, 8)) == [0, 2, 4, 6, 16, 18, 20, 22]
     assert kept("random", (1, 4, 8)) == random_scores(32).topk(8).indices.sort().values.tolist()
     assert kept("position", None) == list(range(8))
+
+
+def test_in_place_config_is_the_valid_in_place_setting():
+    cfg = skipvision.in_place_config(0.25)
+    assert cfg == SkipVisionConfig(0.25, None, "grid", "none", summary_tokens=False, layout="inplace")
+    assert skipvision.in_place_config(9, "random", skip_kv_cache=False).skip_kv_cache is False

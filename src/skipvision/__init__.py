@@ -9,7 +9,7 @@ from .api import (
     load_processor,
     vision_facts,
 )
-from .config import ImageLayout, SkipVisionConfig, num_image_tokens, vanilla_config
+from .config import ImageLayout, SkipVisionConfig, in_place_config, num_image_tokens, vanilla_config
 from .families import FAMILIES
 from .families.llava import SkipVisionLlavaForConditionalGeneration
 from .families.llava_next import SkipVisionLlavaNextForConditionalGeneration
@@ -43,6 +43,7 @@ __all__ = [
     "convert",
     "family_of",
     "from_pretrained",
+    "in_place_config",
     "load_processor",
     "num_image_tokens",
     "cache_slots",

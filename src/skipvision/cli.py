@@ -8,7 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import LAYOUTS, MERGES, SkipVisionConfig
+from .config import LAYOUTS, MERGES, SkipVisionConfig, in_place_config
 from .selection import SELECTIONS
 
 
@@ -59,7 +59,7 @@ def _skip_vision_from_args(args: argparse.Namespace, default: SkipVisionConfig |
         if retained is None:
             raise ValueError("--layout inplace needs --num-retained")
         selection = args.selection if args.selection != "cls_attention" else getattr(default, "selection", "grid")
-        base = SkipVisionConfig(retained, None, selection, "none", summary_tokens=False, layout="inplace")
+        base = in_place_config(retained, selection)
     elif args.num_retained is None and args.num_skipped is None:
         if default is None:
             raise ValueError("give --num-retained and --num-skipped (or --vanilla)")
@@ -213,7 +213,7 @@ def cmd_flops(args: argparse.Namespace) -> None:
             num_skipped=args.num_skipped if args.num_skipped is not None else cfg.num_skipped,
         )
     if args.layout == "inplace":
-        cfg = SkipVisionConfig(cfg.num_retained, None, cfg.selection, "none", summary_tokens=False, layout="inplace")
+        cfg = in_place_config(cfg.num_retained, cfg.selection)
     fixed = None if preset.anyres_newlines is not None else shape.visual_tokens
     cfg.check_against(VisionFacts(shape.eligible, fixed, has_cls=True, num_layers=shape.text.layers))
     result = F.compare(shape, cfg, text_tokens=args.text_tokens, new_tokens=args.new_tokens)

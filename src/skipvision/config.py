@@ -314,6 +314,12 @@ def num_image_tokens(config: SkipVisionConfig) -> int:
     return config.num_image_tokens
 
 
+def in_place_config(num_retained: int | float, selection: str = "grid", **options: Any) -> SkipVisionConfig:
+    """The in-place layout retaining ``num_retained`` tokens of each image (every other visual token skipped where it
+    is): ``layout="inplace"`` with the settings it needs (no merge, no summary tokens, ``num_skipped=None``)."""
+    return SkipVisionConfig(num_retained, None, selection, "none", summary_tokens=False, layout="inplace", **options)
+
+
 def vanilla_config() -> SkipVisionConfig:
     """The config that is exactly the vanilla model: every token retained in the model's own layout."""
     return SkipVisionConfig(

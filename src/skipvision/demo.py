@@ -17,7 +17,7 @@ from typing import Any
 from . import flops as F
 from .api import family_of, from_pretrained, load_processor
 from .bench import BenchSettings, make_inputs, measure_interleaved
-from .config import SkipVisionConfig
+from .config import SkipVisionConfig, in_place_config
 from .data import LlavaCollator, LlavaJsonDataset, make_dataset
 from .evaluate import evaluate
 from .presets import QWEN_FAMILIES, get_preset, init_model
@@ -41,9 +41,7 @@ def demo_variants(preset: str) -> dict[str, SkipVisionConfig | None]:
     runs: dict[str, SkipVisionConfig | None] = {"vanilla": None}
     if spec.family in QWEN_FAMILIES:
         cfg = spec.skip_vision
-        runs["skip_vision_inplace"] = SkipVisionConfig(
-            cfg.num_retained, None, cfg.selection, "none", summary_tokens=False, layout="inplace"
-        )
+        runs["skip_vision_inplace"] = in_place_config(cfg.num_retained, cfg.selection)
     runs["skip_vision"] = spec.skip_vision
     return runs
 
