@@ -170,3 +170,16 @@ def test_qwen_tower_flops_match_flop_counter(preset):
     family = skipvision.family_of(model.config)
     tower, projector = family.tower_flops(model.config, 1, {"image_grid_thw": grid})
     assert tower + projector == measured
+
+
+def test_flops_cli_in_place_layout_and_fraction():
+    """--layout inplace skips the non-retained share in place (no merge, no summaries): more FLOPs than the full
+    layout's merge at the same retained fraction, less than vanilla."""
+
+    def run(*extra):
+        cmd = [sys.executable, "-m", "skipvision", "flops", "--preset", "qwen2.5-vl-7b-448", "--json", *extra]
+        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+    full, in_place = run(), run("--layout", "inplace", "--num-retained", "0.25")
+    assert in_place["config"] == skipvision.in_place_config(0.25).to_dict()
+    assert full["ratio"] < in_place["ratio"] < 1
