@@ -360,3 +360,11 @@ def test_first_decode_positions_equal_vanilla(name):
     finally:
         handle.remove()
     assert torch.equal(seen[0][1:], got[1:])
+
+
+@pytest.mark.parametrize("name", [n for n in MROPE if not n.endswith("inplace")])
+def test_full_layout_refuses_videos_by_name(name):
+    _, model = pair(name)
+    inputs = _inputs(name, model, model.skip_vision_config, LAYOUT[:1])
+    with pytest.raises(ValueError, match="pixel_values_videos .* layout='inplace'"):
+        model(**inputs, pixel_values_videos=torch.zeros(4, inputs["pixel_values"].shape[1]))
