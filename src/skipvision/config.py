@@ -7,9 +7,11 @@ from typing import Any
 
 import torch
 
+from .llm_drop import check_schedule
 from .selection import SELECTIONS, selection_strategy
 
 MERGES = ("tome", "none", "drop")
+TRAIN_MASKS = ("causal", "answer_blind")
 LAYOUTS = ("full", "inplace")
 
 
@@ -92,6 +94,13 @@ class SkipVisionConfig:
             that count); ``"inplace"`` leaves every visual token where the HF processor put it, with its own
             position, and only marks the non-retained ones as skipped (no merge, no summary tokens, no processor or
             position change: works on any HF VLM with Llama-style decoder layers).
+        llm_drop: ``((layer, keep), ...)``: after decoder layer ``layer`` keep the fraction ``keep`` of each
+            sample's visual tokens most attended by its last instruction token, and remove the rest from every
+            later layer and its cache (FastV, PyramidDrop; see ``skipvision.llm_drop``). Needs no skipped tokens
+            (``skip_layers=()`` or ``num_retained=None``) and ``skip_kv_cache=False``.
+        train_mask: attention in training forwards with labels. ``"causal"`` (the paper's code): every later
+            token sees S, the answer included. ``"answer_blind"`` (method.md 3.6 / 7.2): rows from each sample's
+            first answer token on do not see S, which is what generated tokens see after Skip KV-cache pruning.
     """
 
     num_retained: int | float | None
@@ -102,8 +111,21 @@ class SkipVisionConfig:
     skip_kv_cache: bool = True
     skip_layers: tuple[int, ...] | None = None
     layout: str = "full"
+    llm_drop: tuple[tuple[int, float], ...] = ()
+    train_mask: str = "causal"
 
     def __post_init__(self) -> None:
+        if self.train_mask not in TRAIN_MASKS:
+            raise ValueError(f"unknown train_mask {self.train_mask!r}; choose one of {TRAIN_MASKS}")
+        object.__setattr__(self, "llm_drop", check_schedule(self.llm_drop))
+        if self.llm_drop:
+            skips = self.num_retained is not None and self.skip_layers != ()
+            if skips or self.skip_kv_cache:
+                raise ValueError(
+                    "llm_drop removes visual tokens inside the language model and cannot be combined with skipped "
+                    "tokens: set skip_layers=() (or num_retained=None) and skip_kv_cache=False; got "
+                    f"skip_layers={self.skip_layers}, skip_kv_cache={self.skip_kv_cache}"
+                )
         if isinstance(self.num_retained, float):
             if not 0.0 < self.num_retained <= 1.0:
                 raise ValueError(
@@ -276,12 +298,14 @@ class SkipVisionConfig:
                 f"skip_layers {list(self.skip_layers)} out of range: the language model has {facts.num_layers} "
                 f"layers (valid indices 0..{facts.num_layers - 1})"
             )
+        check_schedule(self.llm_drop, facts.num_layers)
 
     # --- serialisation (stored as ``config.skip_vision`` in config.json) ----------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         if self.skip_layers is not None:
             data["skip_layers"] = list(self.skip_layers)
+        data["llm_drop"] = [list(stage) for stage in self.llm_drop]
         return data
 
     @classmethod

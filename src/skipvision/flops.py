@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .config import SkipVisionConfig
+from .llm_drop import visual_per_layer
 from .selection import selection_strategy
 
 
@@ -174,15 +175,29 @@ def language_flops(
     logits: int = 1,
     causal: bool = True,
     skip_layers: tuple[int, ...] | None = None,
+    llm_drop: tuple[tuple[int, float], ...] = (),
 ) -> dict[str, int]:
-    """Forward FLOPs of the decoder stack + LM head for one sequence (prefill: ``logits=1``)."""
+    """Forward FLOPs of the decoder stack + LM head for one sequence (prefill: ``logits=1``).
+
+    ``llm_drop`` (FastV, PyramidDrop): each layer runs without the visual tokens dropped before it, and each drop
+    costs the ranking (the query token's projection, the layer's keys again, one row of scores)."""
     text = shape.text
     total = {"projections": 0, "attention": 0, "ffn": 0}
+    visual = counts.images * (counts.full_per_image + counts.skipped_per_image)
+    present = visual_per_layer(visual, llm_drop, text.layers)
+    stages = dict(llm_drop)
+    q, kv, d = text.heads * text.head_dim, text.kv_heads * text.head_dim, text.hidden
+    if llm_drop:
+        total["drop_ranking"] = 0
     for index in range(text.layers):
         skips = skip_layers is None or index in skip_layers
-        n_ffn = counts.ffn_length if skips else counts.attention_length
-        for key, value in decoder_layer_flops(text, counts.attention_length, n_ffn, causal).items():
+        dropped = visual - present[index]
+        n_attn = counts.attention_length - dropped
+        n_ffn = (counts.ffn_length if skips else counts.attention_length) - dropped
+        for key, value in decoder_layer_flops(text, n_attn, n_ffn, causal).items():
             total[key] += value
+        if index in stages:
+            total["drop_ranking"] += 2 * n_attn * d * kv + 2 * d * q + 2 * q * n_attn
     total["lm_head"] = 2 * logits * text.hidden * text.vocab
     return total
 
@@ -204,10 +219,16 @@ def report(
 ) -> dict[str, Any]:
     """FLOPs of prefill, decode and a training step for one sequence; ``cfg=None`` is vanilla."""
     counts = sequence_counts(shape, text_tokens, images, cfg)
-    prefill = language_flops(shape, counts, logits=1, skip_layers=cfg.skip_layers if cfg else None)
-    train = language_flops(shape, counts, logits=counts.ffn_length, skip_layers=cfg.skip_layers if cfg else None)
+    skip_layers, drop = (cfg.skip_layers, cfg.llm_drop) if cfg else (None, ())
+    prefill = language_flops(shape, counts, logits=1, skip_layers=skip_layers, llm_drop=drop)
+    # training scores every position (in-LLM dropping scatters the sequence back before the LM head)
+    logits = counts.attention_length if drop else counts.ffn_length
+    train = language_flops(shape, counts, logits=logits, skip_layers=skip_layers, llm_drop=drop)
     pruned = cfg is not None and cfg.skip_kv_cache
     context = counts.attention_length - (images * counts.skipped_per_image if pruned else 0)
+    if drop:  # each layer caches what it saw; attention cost is linear in the context, so the mean is exact
+        visual = images * (counts.full_per_image + counts.skipped_per_image)
+        context -= visual - sum(visual_per_layer(visual, drop, shape.text.layers)) / shape.text.layers
     decode = sum(decode_step_flops(shape, context + t) for t in range(new_tokens))
     vision = vision_flops(shape, images)
     if cfg is not None:
@@ -465,12 +486,18 @@ def batch_flops(model: Any, inputs: dict[str, Any], train_tower: bool = False) -
         else:
             skipped = torch.zeros_like(ids, dtype=torch.bool)
     prefill_lm, train_lm = 0, 0
+    visual = model.image_placeholder_mask(ids) & mask.bool() if cfg.llm_drop else torch.zeros_like(skipped)
     for b in range(ids.shape[0]):
         n_attn = int(mask[b].sum())
         n_skip = int(skipped[b].sum())
-        counts = SequenceCounts(n_attn - n_skip, 1, 0, n_skip)
-        prefill_lm += sum(language_flops(shape, counts, logits=1, skip_layers=cfg.skip_layers).values())
-        train_lm += 3 * sum(language_flops(shape, counts, logits=n_attn, skip_layers=cfg.skip_layers).values())
+        if cfg.llm_drop:  # every token runs full blocks until dropped (llm_drop allows no skipping)
+            n_visual = int(visual[b].sum())
+            counts = SequenceCounts(n_attn - n_visual, 1, n_visual, 0)
+        else:
+            counts = SequenceCounts(n_attn - n_skip, 1, 0, n_skip)
+        options = {"skip_layers": cfg.skip_layers, "llm_drop": cfg.llm_drop}
+        prefill_lm += sum(language_flops(shape, counts, logits=1, **options).values())
+        train_lm += 3 * sum(language_flops(shape, counts, logits=n_attn, **options).values())
     passes = family.tower_passes(model.config, images, image_inputs)
     tower, projector = family.tower_flops(model.config, images, image_inputs) if images else (0, 0)
     overhead = 0

@@ -23,6 +23,7 @@ from transformers import AutoConfig, GenerationMixin, PretrainedConfig, Processo
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_masks_for_generate
 
+from . import llm_drop
 from .config import SkipVisionConfig, VisionFacts
 from .layout import check_image_spans, image_token_counts, placeholder_runs, scatter_image_flags
 from .selection import selection_strategy, square_grid
@@ -563,8 +564,11 @@ class SkipVisionMixin:
         is_prefill = pixel_values is not None or (
             input_ids is not None and not torch.compiler.is_compiling() and (cache is None or cache_slots(cache) == 0)
         )
+        visual = None  # image placeholders of a prefill, for in-LLM dropping
         if is_prefill:
             cfg = self.skip_vision_config
+            if cfg.llm_drop and cfg.in_place:
+                visual = self.image_placeholder_mask(input_ids, inputs_embeds)
             if cfg.in_place:
                 # the model's own layout: HF embeds the images and places them; only the skipped tokens are marked
                 skipped = self._in_place_skipped(input_ids, inputs_embeds, pixel_values, image_inputs)
@@ -582,6 +586,7 @@ class SkipVisionMixin:
                 inputs_embeds, skipped, sequences, is_image = self._embed_multimodal(
                     input_ids, pixel_values, inputs_embeds, image_inputs
                 )
+                visual = is_image
                 if family.uses_mrope and (position_ids is None or position_ids.ndim == 2):
                     # given 3-D positions are the caller's own; 1-D ones (generate's) are only the text axis
                     position_ids = family.layout_position_ids(self, is_image, mask_2d, sequences, image_inputs)
@@ -603,6 +608,14 @@ class SkipVisionMixin:
             if prunes and prompt_length is not None and skipped.shape[1] > prompt_length:
                 # a prefill that carries drafted tokens (assisted decoding): they must not see S, as when decoded
                 attention_mask = generated_rows_mask(attention_mask, skipped, prompt_length, self.dtype)
+            elif cfg is not None and cfg.train_mask == "answer_blind" and labels is not None and not prunes:
+                # answer tokens do not see S in training, as generated tokens do not after pruning
+                supervised = labels != -100
+                positions = torch.arange(labels.shape[1], device=labels.device)
+                first = torch.where(supervised, positions, labels.shape[1]).amin(1)
+                attention_mask = generated_rows_mask(
+                    attention_mask if padding is not None else None, skipped, first, self.dtype
+                )
         elif self.training and self.summary_scorer is not None and inputs_embeds is not None:
             # text-only batch: touch the scorer so every DDP/ZeRO rank reduces the same parameters
             touch = sum(p.sum() for p in self.summary_scorer.parameters())
@@ -621,6 +634,10 @@ class SkipVisionMixin:
                 self, _decode_text_positions(attention_mask, cache, input_ids, inputs_embeds)
             )
 
+        plan = None
+        if cfg is not None and cfg.llm_drop and visual is not None and bool(visual.any()):
+            plan = self._drop_plan(cfg, visual, mask_2d, labels, past_key_values if use_cache is not False else None)
+            kwargs[llm_drop.DROP_PLAN_KWARG] = plan
         with context:
             outputs = super().forward(
                 input_ids=input_ids,
@@ -640,7 +657,28 @@ class SkipVisionMixin:
         if prunes and isinstance(returned, Cache):
             # padding columns go too: no query ever reads them
             prune_skipped_kv(returned, skipped if padding is None else skipped | padding)
+        if plan is not None and plan.index and isinstance(returned, Cache) and not self.training:
+            llm_drop.attach_state(returned, plan)
         return outputs
+
+    def _drop_plan(
+        self, cfg: SkipVisionConfig, visual: torch.Tensor, mask_2d: Any, labels: Any, cache: Any
+    ) -> llm_drop.DropPlan:
+        """The in-LLM dropping plan of a prefill: checked attention and cache, each sample's query token."""
+        attn = self.config.get_text_config()._attn_implementation
+        if attn not in ("eager", "sdpa"):
+            raise NotImplementedError(f"in-LLM dropping (llm_drop) needs eager or SDPA attention, not {attn!r}")
+        llm_drop.check_cache(cache)
+        if self._skip_vision_prompt_length is not None and visual.shape[1] > self._skip_vision_prompt_length:
+            raise NotImplementedError("assisted and prompt-lookup decoding are not supported with llm_drop")
+        mask = mask_2d if isinstance(mask_2d, torch.Tensor) and mask_2d.shape == visual.shape else None
+        return llm_drop.DropPlan(
+            schedule=cfg.llm_drop,
+            visual=visual,
+            query_index=llm_drop.query_indices(mask, labels, visual.shape),
+            num_layers=len(self.skip_vision_family.decoder_layers(self)),
+            padding=None if mask is None else mask == 0,
+        )
 
 
 def _decode_text_positions(

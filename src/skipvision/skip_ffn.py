@@ -12,6 +12,8 @@ from functools import cache
 import torch
 from torch import nn
 
+from . import llm_drop
+
 #: Keyword argument, passed down through the HF decoder stack, holding the flat ``(batch * seq)`` row indices
 #: that run the FFN. A forward kwarg (not module state) so gradient checkpointing replays it.
 FFN_ROWS_KWARG = "skip_vision_ffn_rows"
@@ -29,6 +31,23 @@ class SkipFFNLayerMixin:
     skip_ffn: bool = False
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # in-LLM dropping (FastV, PyramidDrop): a prefill carries its plan; decode steps read the cache's state
+        plan = kwargs.pop(llm_drop.DROP_PLAN_KWARG, None)
+        if plan is not None:
+            return llm_drop.run_layer(
+                self, self.self_attn.layer_idx, self._skip_ffn_forward, hidden_states, kwargs, plan
+            )
+        cache = kwargs.get("past_key_values")
+        state = llm_drop.cache_state(cache)
+        if state is not None:
+            layer_idx = self.self_attn.layer_idx
+            cached = int(cache.layers[layer_idx].get_seq_length()) if layer_idx < len(cache.layers) else 0
+            kwargs["attention_mask"] = state.decode_mask(
+                layer_idx, kwargs.get("attention_mask"), hidden_states.shape[1], cached
+            )
+        return self._skip_ffn_forward(hidden_states, *args, **kwargs)
+
+    def _skip_ffn_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         ffn_rows = kwargs.pop(FFN_ROWS_KWARG, None)
         if ffn_rows is None or not self.skip_ffn:
             return super().forward(hidden_states, *args, **kwargs)

@@ -137,16 +137,18 @@ def cache_slots(cache: Cache, layer_idx: int = 0) -> int:
 
 
 def generated_rows_mask(
-    attention_mask: torch.Tensor | None, skipped: torch.Tensor, first_generated: int, dtype: torch.dtype
+    attention_mask: torch.Tensor | None, skipped: torch.Tensor, first_generated: int | torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Additive 4-D mask for a prefill whose rows from ``first_generated`` on are generated tokens: causal, no
-    padding columns, and generated rows do not see the skipped columns (what they would see after pruning)."""
+    """Additive 4-D mask for a prefill whose rows from ``first_generated`` on (an int, or one per sample) are
+    generated tokens: causal, no padding columns, and generated rows do not see the skipped columns (what they
+    would see after pruning). Also the answer-blind training mask, with each sample's first answer token."""
     batch, length = skipped.shape
     rows = torch.arange(length, device=skipped.device)
+    first = torch.as_tensor(first_generated, device=skipped.device).reshape(-1, 1, 1)
     allowed = (rows[:, None] >= rows[None, :]).expand(batch, length, length)
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, :]
-    allowed = allowed & ~((rows[:, None] >= first_generated) & skipped[:, None, :])
+    allowed = allowed & ~((rows[None, :, None] >= first) & skipped[:, None, :])
     allowed = allowed | torch.eye(length, dtype=torch.bool, device=skipped.device)  # padding rows see themselves
     blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=skipped.device)
     return torch.where(allowed, torch.zeros((), dtype=dtype, device=skipped.device), blocked)[:, None]

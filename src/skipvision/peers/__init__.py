@@ -4,19 +4,29 @@ the FLOPs model, the benchmark):
 
 - ``visionzip``: dominant tokens by CLS attention plus contextual tokens merged from the rest, before the LLM;
 - ``tome``: ToMe before the LLM, every visual token merged down to the budget;
-- ``token_drop``: keep a random or a raster-order subset, drop the rest (the floors).
+- ``token_drop``: keep a random or a raster-order subset, drop the rest (the floors);
+- ``fastv``: drop visual tokens inside the language model once, after layer K-1, by the last instruction token's
+  attention;
+- ``pyramid_drop``: the same at the end of each of several stages, by a ratio each time.
 
-Every reduced token runs full decoder blocks and stays in the cache (no Skip-FFN, no Skip KV-cache): these methods
-shorten the sequence instead. The methods that drop tokens inside the language model (FastV, PyramidDrop) are not
-here yet.
+Every token that is kept runs full decoder blocks and stays in the cache (no Skip-FFN, no Skip KV-cache): these
+methods shorten the sequence instead (``fastv`` and ``pyramid_drop`` through ``SkipVisionConfig.llm_drop``).
 """
 
 from __future__ import annotations
 
+from .fastv import fastv
+from .pyramid_drop import pyramid_drop
 from .token_drop import token_drop
 from .tome import tome
 from .visionzip import visionzip
 
-PEERS = {"visionzip": visionzip, "tome": tome, "token_drop": token_drop}
+PEERS = {
+    "visionzip": visionzip,
+    "tome": tome,
+    "token_drop": token_drop,
+    "fastv": fastv,
+    "pyramid_drop": pyramid_drop,
+}
 
-__all__ = ["PEERS", "token_drop", "tome", "visionzip"]
+__all__ = ["PEERS", "fastv", "pyramid_drop", "token_drop", "tome", "visionzip"]
