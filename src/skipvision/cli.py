@@ -1,4 +1,4 @@
-"""``skipvision`` command line: init-model, make-data, train, eval, generate, flops, bench, demo."""
+"""``skipvision`` command line: init-model, make-data, train, eval, generate, flops, bench, demo, compare."""
 
 from __future__ import annotations
 
@@ -329,6 +329,33 @@ def cmd_demo(args: argparse.Namespace) -> None:
     demo(out=args.out, preset=args.preset, steps=args.steps, seed=args.seed, num_examples=args.n)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import METHODS, REGIMES, CompareSettings, compare, quick
+
+    unknown = sorted(set(args.methods) - set(METHODS)) + sorted(set(args.regimes) - set(REGIMES))
+    if unknown:
+        raise ValueError(f"unknown method or regime {unknown}; methods: {list(METHODS)}, regimes: {list(REGIMES)}")
+    if any(not 0.0 < b <= 1.0 for b in args.budgets):
+        raise ValueError(f"--budgets are fractions of vanilla's prefill FLOPs in (0, 1], got {args.budgets}")
+    settings = CompareSettings(
+        out=Path(args.out),
+        preset=args.preset,
+        budgets=tuple(args.budgets),
+        methods=tuple(args.methods),
+        regimes=tuple(args.regimes),
+        fine_tune_budgets=None if args.fine_tune_budgets == ["all"] else tuple(map(float, args.fine_tune_budgets)),
+        ablations=args.ablations,
+        steps=args.steps,
+        num_examples=args.n,
+        eval_limit=args.eval_limit or None,
+        seed=args.seed,
+        model=Path(args.model) if args.model else None,
+        train_data=Path(args.data) if args.data else None,
+        test_data=Path(args.test_data) if args.test_data else None,
+    )
+    compare(quick(settings) if args.quick else settings)
+
+
 def _add_data_args(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--data", required=True, help="LLaVA-format JSON file")
@@ -473,7 +500,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="examples to generate (default 6000)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=cmd_demo)
+
+    p = add("compare", help="Skip-Vision vs FastV, PyramidDrop, VisionZip, ToMe, token drop at matched FLOPs budgets")
+    p.add_argument("--out", default="./skipvision-compare", help="output folder (finished rows are kept: resumable)")
+    p.add_argument("--preset", default="tiny", choices=presets, help="model preset (its Skip-Vision setting)")
+    p.add_argument("--model", help="checkpoint every run starts from (default: the preset's random init)")
+    p.add_argument("--data", help="training LLaVA JSON (default: the embedded dataset); needs --test-data")
+    p.add_argument("--test-data", help="test LLaVA JSON")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.4, 0.6], help="prefill FLOPs fractions")
+    p.add_argument("--methods", nargs="+", default=list(_compare_methods()), help="methods to compare")
+    p.add_argument("--regimes", nargs="+", default=["training-free", "fine-tuned"], help="regimes")
+    p.add_argument(
+        "--fine-tune-budgets", nargs="+", default=["0.4"], help="budgets trained with the method on ('all': every one)"
+    )
+    p.add_argument("--ablations", action="store_true", help="also Skip-Vision's ablations (fine-tuned)")
+    p.add_argument("--steps", type=int, default=400, help="training steps per run")
+    p.add_argument("--n", type=int, default=6000, help="examples of the embedded dataset")
+    p.add_argument("--eval-limit", type=int, default=300, help="evaluate the first N test records (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--quick", action="store_true", help="a few minutes: one budget, 60 steps, 96 test records")
+    p.set_defaults(func=cmd_compare)
     return parser
+
+
+def _compare_methods() -> tuple[str, ...]:
+    from .compare import METHODS
+
+    return METHODS
 
 
 def _check_model_dir(path: str) -> None:

@@ -1,0 +1,459 @@
+"""``skipvision compare``: Skip-Vision against its peers (and its own ablations) in one harness.
+
+For a preset's tiny model and the embedded dataset (or the user's LLaVA-format data), every method is set to each
+inference-FLOPs budget (a fraction of vanilla's language-model prefill FLOPs, matched with the analytic FLOPs model
+over the method's own knob) and evaluated in two regimes:
+
+* ``training-free``: the method applied to the vanilla-trained checkpoint;
+* ``fine-tuned``: the model trained from the same initialisation with the method on (same data, steps, seed).
+
+Each row records exact-match accuracy (overall and per question type), analytic prefill / training FLOPs of real
+batches, prefill / decode / train-step time and KV-cache bytes measured side by side with vanilla, and is written
+to its own JSON file as soon as it is done, so an interrupted run resumes where it stopped. The run ends with
+``compare.json``, ``compare.md`` and ``compare.png`` (accuracy vs prefill FLOPs, one line per method and regime).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from . import flops as F
+from .api import family_of, from_pretrained, load_processor, save_processor
+from .bench import BenchSettings, make_inputs, measure_interleaved
+from .config import SkipVisionConfig, vanilla_config
+from .data import LlavaCollator, LlavaJsonDataset, make_dataset
+from .evaluate import evaluate
+from .peers import fastv, pyramid_drop, token_drop, tome, visionzip
+from .presets import get_preset, init_model
+from .train import TrainConfig, _read_manifest, train
+
+METHODS = ("skip_vision", "fastv", "pyramid_drop", "visionzip", "tome", "drop_random", "drop_position")
+REGIMES = ("training-free", "fine-tuned")
+DEFAULT_BUDGETS = (0.25, 0.4, 0.6)
+#: Skip-Vision ablations (fine-tuned at the preset's own setting), method.md sections 6.6 and 7
+ABLATIONS = (
+    "no_skip_kv",
+    "no_summary",
+    "no_merge",
+    "selection_position",
+    "selection_grid",
+    "skip_half_layers",
+    "answer_blind",
+    "equal_wall_clock",
+)
+BATCH_SIZE = 8
+LEARNING_RATE = 1e-3
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    out: Path
+    preset: str = "tiny"
+    budgets: tuple[float, ...] = DEFAULT_BUDGETS
+    methods: tuple[str, ...] = METHODS
+    regimes: tuple[str, ...] = REGIMES
+    fine_tune_budgets: tuple[float, ...] | None = (0.4,)  # None: every budget
+    ablations: bool = False
+    steps: int = 400
+    num_examples: int = 6000
+    eval_limit: int | None = 300
+    seed: int = 0
+    timing_repeats: int = 3
+    model: Path | None = None  # a checkpoint to start every training from (default: the preset's random init)
+    train_data: Path | None = None  # LLaVA-format JSON (default: the embedded dataset, generated)
+    test_data: Path | None = None
+
+
+def quick(settings: CompareSettings) -> CompareSettings:
+    """A few-minute run: one budget, short training, a slice of the test set."""
+    return replace(settings, budgets=(0.4,), fine_tune_budgets=(0.4,), steps=60, num_examples=800, eval_limit=96)
+
+
+# --- matching a method to a FLOPs budget ---------------------------------------------------------------------------
+def method_configs(method: str, shape: F.ModelShape, preset_cfg: SkipVisionConfig) -> list[SkipVisionConfig]:
+    """Every setting of ``method``'s knob on a model of this shape (the budget picks one)."""
+    visual, layers = shape.visual_tokens, shape.text.layers
+    fractions = [k / 40 for k in range(1, 41)]
+    if method == "skip_vision":
+        skipped = preset_cfg.num_skipped or 1
+        return [replace(preset_cfg, num_retained=r) for r in range(1, visual - skipped + 1)]
+    if method == "fastv":
+        layer = max(1, round(2 * layers / 32))  # the paper's K = 2 of 32 layers, scaled to the model's depth
+        return [fastv(f, layer=layer) for f in fractions]
+    if method == "pyramid_drop":
+        return [pyramid_drop(f, layers, stages=min(4, layers)) for f in fractions]
+    if method == "visionzip":  # the paper's 54 dominant : 10 contextual split
+        return [visionzip(n - round(n * 10 / 64), round(n * 10 / 64)) for n in range(1, visual + 1)]
+    if method == "tome":
+        return [tome(n) for n in range(1, visual + 1)]
+    if method in ("drop_random", "drop_position"):
+        return [token_drop(n, method.removeprefix("drop_")) for n in range(1, visual + 1)]
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def prefill_ratio(shape: F.ModelShape, cfg: SkipVisionConfig, text_tokens: int = F.DEFAULT_TEXT_TOKENS) -> float:
+    """Language-model prefill FLOPs of ``cfg`` over vanilla's, one image and ``text_tokens`` prompt tokens (the
+    budget's unit)."""
+    vanilla = F.report(shape, None, text_tokens)["prefill_total"]
+    return F.report(shape, cfg, text_tokens)["prefill_total"] / vanilla
+
+
+def match_budget(
+    method: str,
+    budget: float,
+    shape: F.ModelShape,
+    preset_cfg: SkipVisionConfig,
+    text_tokens: int = F.DEFAULT_TEXT_TOKENS,
+) -> tuple[SkipVisionConfig, float]:
+    """The setting of ``method`` whose prefill FLOPs ratio is closest to ``budget`` (and that ratio)."""
+    ratios = [(prefill_ratio(shape, c, text_tokens), c) for c in method_configs(method, shape, preset_cfg)]
+    return min(((c, r) for r, c in ratios), key=lambda pair: abs(pair[1] - budget))
+
+
+def ablation_config(name: str, cfg: SkipVisionConfig, layers: int) -> SkipVisionConfig:
+    """The preset's Skip-Vision setting with one thing changed."""
+    changes: dict[str, dict[str, Any]] = {
+        "no_skip_kv": {"skip_kv_cache": False},
+        "no_summary": {"summary_tokens": False},
+        # the candidates are skipped as they are (S = every candidate, unmerged): more tokens in attention
+        "no_merge": {"num_skipped": None, "merge": "none"},
+        "selection_position": {"selection": "position"},
+        "selection_grid": {"selection": "grid"},
+        "skip_half_layers": {"skip_layers": tuple(range(0, layers, 2))},
+        "answer_blind": {"train_mask": "answer_blind"},
+        "equal_wall_clock": {},
+    }
+    if name not in changes:
+        raise ValueError(f"unknown ablation {name!r}; choose from {ABLATIONS}")
+    return replace(cfg, **changes[name])
+
+
+def prompt_text_tokens(base: Path, test_json: Path, model: Any, sample: int = 32) -> int:
+    """Median count of non-image prompt tokens over the first test records: the budgets are matched there."""
+    processor = load_processor(base, vanilla_config())
+    dataset = LlavaJsonDataset(test_json, None, processor)
+    image_token = family_of(model).image_token_id(model.config)
+    counts = sorted(
+        int((dataset.encode_prompt(r)[0]["input_ids"] != image_token).sum()) for r in dataset.records[:sample]
+    )
+    return counts[len(counts) // 2]
+
+
+# --- rows -----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    key: str  # file name of the row's result
+    method: str
+    regime: str
+    budget: float | None
+    cfg: SkipVisionConfig | None  # None: vanilla
+    matched_ratio: float | None = None
+    steps: int | None = None  # training steps, when not the run's own
+
+
+def plan_rows(
+    settings: CompareSettings, shape: F.ModelShape, preset_cfg: SkipVisionConfig, text_tokens: int
+) -> list[Row]:
+    rows = [Row("vanilla", "vanilla", "fine-tuned", 1.0, None, 1.0)]
+    for regime in settings.regimes:
+        budgets = settings.budgets
+        if regime == "fine-tuned" and settings.fine_tune_budgets is not None:
+            budgets = tuple(b for b in budgets if b in settings.fine_tune_budgets)
+        for budget in budgets:
+            for method in settings.methods:
+                cfg, ratio = match_budget(method, budget, shape, preset_cfg, text_tokens)
+                rows.append(Row(f"{regime}-{method}-{budget:g}", method, regime, budget, cfg, ratio))
+    if settings.ablations:
+        base_ratio = prefill_ratio(shape, preset_cfg, text_tokens)
+        rows.append(Row("ablation-preset", "skip_vision (preset)", "fine-tuned", None, preset_cfg, base_ratio))
+        for name in ABLATIONS:
+            cfg = ablation_config(name, preset_cfg, shape.text.layers)
+            rows.append(
+                Row(f"ablation-{name}", f"ablation: {name}", "fine-tuned", None, cfg, prefill_ratio(shape, cfg))
+            )
+    return rows
+
+
+class Harness:
+    """Runs rows into ``out/rows/<key>.json``; a row whose file exists is not recomputed."""
+
+    def __init__(self, settings: CompareSettings) -> None:
+        self.s = settings
+        self.out = Path(settings.out)
+        self.spec = get_preset(settings.preset)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "rows").mkdir(exist_ok=True)
+        if (settings.train_data is None) != (settings.test_data is None):
+            raise ValueError("give both a training and a test LLaVA JSON, or neither (the embedded dataset)")
+        if settings.train_data is not None:
+            self.train_json, self.test_json = Path(settings.train_data), Path(settings.test_data)
+        else:
+            self.train_json, self.test_json = make_dataset(
+                self.out / "data", n=settings.num_examples, seed=settings.seed, image_size=self.spec.data_image_size
+            )
+        base = self.out / "base"
+        if settings.model is not None:
+            self.base = Path(settings.model)
+        elif (base / "config.json").exists():
+            self.base = base
+        else:
+            self.base = init_model(settings.preset, base, seed=settings.seed)
+        self._timing_cache: dict[str, dict[str, Any]] = {}
+
+    def row_path(self, row: Row) -> Path:
+        return self.out / "rows" / f"{row.key}.json"
+
+    def train(self, name: str, cfg: SkipVisionConfig | None, steps: int) -> dict[str, Any]:
+        """Train (or, when this run already finished, read back) ``runs/<name>``; an unfinished one restarts."""
+        folder = self.out / "runs" / name
+        finished = bool((_read_manifest(folder) or {}).get("finished"))
+        return train(
+            TrainConfig(
+                model=str(self.base),
+                data=str(self.train_json),
+                output_dir=str(folder),
+                skip_vision=cfg,
+                max_steps=steps,
+                batch_size=BATCH_SIZE,
+                learning_rate=LEARNING_RATE,
+                seed=self.s.seed,
+                save_steps=steps,
+                logging_steps=max(steps // 10, 1),
+                resume=finished,
+                overwrite=not finished,
+            )
+        )
+
+    def vanilla_checkpoint(self) -> Path:
+        return Path(self.train("vanilla", None, self.s.steps)["final"])
+
+    def training_free_checkpoint(self, row: Row) -> Path:
+        """The vanilla-trained weights with the method's settings (and its processor's image-token count)."""
+        path = self.out / "runs" / row.key / "final"
+        if not (path / "config.json").exists():
+            vanilla = self.vanilla_checkpoint()
+            model = from_pretrained(vanilla, skip_vision=row.cfg)
+            model.save_pretrained(path)
+            save_processor(load_processor(vanilla, row.cfg), path)
+        return path
+
+    def run_row(self, row: Row) -> dict[str, Any]:
+        start = time.perf_counter()
+        result: dict[str, Any] = {
+            "key": row.key,
+            "method": row.method,
+            "regime": row.regime,
+            "budget": row.budget,
+            "matched_prefill_ratio": row.matched_ratio,
+            "config": (row.cfg or vanilla_config()).to_dict(),
+        }
+        skip_kv = None
+        if row.key == "vanilla":
+            summary = self.train("vanilla", None, self.s.steps)
+            checkpoint = Path(summary["final"])
+        elif row.regime == "training-free":
+            checkpoint, summary = self.training_free_checkpoint(row), None
+        elif row.key == "ablation-no_skip_kv":  # a decode-time switch: the preset's fine-tuned model, unpruned
+            summary = self.train("ablation-preset", replace(row.cfg, skip_kv_cache=True), self.s.steps)
+            checkpoint, skip_kv = Path(summary["final"]), False
+        elif row.key == "ablation-equal_wall_clock":
+            steps = self._equal_wall_clock_steps(row.cfg)
+            summary = self.train(row.key, row.cfg, steps)
+            checkpoint = Path(summary["final"])
+            result["steps"] = steps
+        else:
+            summary = self.train(row.key, row.cfg, self.s.steps)
+            checkpoint = Path(summary["final"])
+        if summary is not None:
+            result["train_seconds"] = summary["train_seconds"]
+            result["train_step_seconds_in_training"] = summary["train_step_seconds"]
+        evaluation = evaluate(
+            checkpoint, self.test_json, limit=self.s.eval_limit, progress=False, skip_kv_cache=skip_kv
+        )
+        result.update(accuracy=evaluation["accuracy"], per_type=evaluation["per_type"], count=evaluation["count"])
+        result.update(self._costs(checkpoint, row, skip_kv))
+        result["row_seconds"] = time.perf_counter() - start
+        return result
+
+    def _equal_wall_clock_steps(self, cfg: SkipVisionConfig) -> int:
+        """Steps of the preset's Skip-Vision run that fit in vanilla's training time (per-step times measured in
+        the two trainings of this run)."""
+        vanilla = self.train("vanilla", None, self.s.steps)
+        skip = self.train("ablation-preset", cfg, self.s.steps)
+        return max(1, round(self.s.steps * vanilla["train_seconds"] / skip["train_seconds"]))
+
+    def _costs(self, checkpoint: Path, row: Row, skip_kv: bool | None) -> dict[str, Any]:
+        """Analytic FLOPs of real batches, and times measured interleaved with vanilla (cached per setting)."""
+        model = from_pretrained(checkpoint)
+        if skip_kv is not None:
+            model.skip_vision_config = replace(model.skip_vision_config, skip_kv_cache=skip_kv)
+        processor = load_processor(checkpoint)
+        dataset = LlavaJsonDataset(self.train_json, None, processor)
+        batch = LlavaCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(BATCH_SIZE)])
+        size = (self.spec.data_image_size, self.spec.data_image_size)
+        prompt = family_of(model).image_prompt(processor, model.config)
+        inputs = make_inputs(processor, 4, F.DEFAULT_TEXT_TOKENS, size, "cpu", model.dtype, prompt)
+        # prefill FLOPs of a real test prompt: the first record with an image
+        test = LlavaJsonDataset(self.test_json, None, processor)
+        record = next(r for r in test.records if test.load_images(r))
+        single = LlavaCollator(processor.tokenizer.pad_token_id)([test.encode_prompt(record)[0]])
+        single.pop("labels")
+        costs = {
+            "prefill_flops": F.batch_flops(model, single)["prefill_language_model"],
+            "prefill_flops_total": F.batch_flops(model, single)["prefill"],
+            "train_flops": F.batch_flops(model, batch)["train"],
+        }
+        key = json.dumps(model.skip_vision_config.to_dict(), sort_keys=True)
+        if key not in self._timing_cache:
+            vanilla_dir = self.vanilla_checkpoint()
+            vanilla = from_pretrained(vanilla_dir)
+            vanilla_inputs = make_inputs(
+                load_processor(vanilla_dir), 4, F.DEFAULT_TEXT_TOKENS, size, "cpu", vanilla.dtype, prompt
+            )
+            settings = BenchSettings(new_tokens=8, repeats=self.s.timing_repeats, device="cpu")
+            timed = measure_interleaved({"vanilla": (vanilla, vanilla_inputs), "row": (model, inputs)}, settings)
+            keys = ("prefill_seconds", "decode_seconds_per_token", "train_step_seconds", "kv_cache_bytes")
+            self._timing_cache[key] = {
+                **{k: timed["row"].get(k) for k in keys},
+                **{f"{k}_ratio": _ratio(timed["row"].get(k), timed["vanilla"].get(k)) for k in keys},
+            }
+        costs.update(self._timing_cache[key])
+        return costs
+
+    def run(self, rows: list[Row], progress: bool = True) -> list[dict[str, Any]]:
+        results = []
+        bar = tqdm(rows, desc="compare", disable=not progress)
+        for row in bar:
+            bar.set_postfix_str(row.key)
+            path = self.row_path(row)
+            if path.exists():
+                results.append(json.loads(path.read_text()))
+                continue
+            result = self.run_row(row)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=1))
+            tmp.replace(path)  # a row is on disk whole or not at all
+            results.append(result)
+        return results
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+# --- report ---------------------------------------------------------------------------------------------------------
+def add_relative(results: list[dict[str, Any]]) -> None:
+    """Each row's prefill / training FLOPs as a fraction of the vanilla row's."""
+    vanilla = next(r for r in results if r["key"] == "vanilla")
+    for r in results:
+        r["prefill_flops_ratio"] = r["prefill_flops"] / vanilla["prefill_flops"]
+        r["train_flops_ratio"] = r["train_flops"] / vanilla["train_flops"]
+
+
+def markdown(results: list[dict[str, Any]], chance: float | None = None) -> str:
+    types = sorted({t for r in results for t in r["per_type"]})
+    head = (
+        "| regime | method | budget | prefill FLOPs | train FLOPs | accuracy | "
+        + " | ".join(types)
+        + " | prefill time | decode time | train step time | KV cache |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    fmt = lambda x, f="{:.3f}": "-" if x is None else f.format(x)  # noqa: E731
+    for r in results:
+        budget = "-" if r["budget"] is None else f"{r['budget']:.0%}"
+        cells = [
+            r["regime"],
+            r["method"],
+            budget,
+            fmt(r["prefill_flops_ratio"]),
+            fmt(r["train_flops_ratio"]),
+            fmt(r["accuracy"]),
+            *(fmt(r["per_type"].get(t)) for t in types),
+            fmt(r.get("prefill_seconds_ratio")),
+            fmt(r.get("decode_seconds_per_token_ratio")),
+            fmt(r.get("train_step_seconds_ratio")),
+            fmt(r.get("kv_cache_bytes_ratio")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [
+        "",
+        "FLOPs and times are ratios to the vanilla row (FLOPs: analytic, language model prefill of one prompt and a "
+        "training step of 8 examples; times: measured interleaved with vanilla at batch 4, medians). Accuracy: "
+        "exact match on the test split, with greedy `generate`.",
+    ]
+    if chance is not None:
+        notes.append(f"Answer-prior baseline accuracy: {chance:.3f}.")
+    return "\n".join(lines + notes) + "\n"
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regimes = [g for g in REGIMES if any(r["regime"] == g and r["budget"] is not None for r in results)]
+    fig, axes = plt.subplots(1, len(regimes), figsize=(5.5 * len(regimes), 4.2), dpi=120, squeeze=False)
+    vanilla = next(r for r in results if r["key"] == "vanilla")
+    for ax, regime in zip(axes[0], regimes):
+        methods = sorted({r["method"] for r in results if r["regime"] == regime and r["key"] != "vanilla"})
+        for method in methods:
+            if method.startswith("ablation") or method.endswith("(preset)"):
+                continue
+            points = sorted(
+                (r["prefill_flops_ratio"], r["accuracy"])
+                for r in results
+                if r["regime"] == regime and r["method"] == method and r["budget"] is not None
+            )
+            if points:
+                xs, ys = zip(*points)
+                ax.plot([100 * x for x in xs], [100 * y for y in ys], marker="o", label=method)
+        ax.scatter([100], [100 * vanilla["accuracy"]], color="black", marker="*", s=120, label="vanilla", zorder=5)
+        ax.set_title(f"{regime}", fontsize=10)
+        ax.set_xlabel("prefill FLOPs, % of vanilla (language model)")
+        ax.set_ylabel("exact-match accuracy, %")
+        ax.set_xlim(0, 110)
+        ax.legend(fontsize=7)
+    fig.suptitle("skipvision compare: accuracy vs FLOPs", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def compare(settings: CompareSettings, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    start = time.perf_counter()
+    harness = Harness(settings)
+    model = from_pretrained(harness.base, skip_vision=vanilla_config())
+    shape = family_of(model).model_shape(model.config)
+    text_tokens = prompt_text_tokens(harness.base, harness.test_json, model)
+    rows = plan_rows(settings, shape, harness.spec.skip_vision, text_tokens)
+    log(
+        f"compare: {len(rows)} rows into {harness.out / 'rows'} (finished rows are kept); budgets matched at "
+        f"{text_tokens} prompt text tokens + 1 image"
+    )
+    results = harness.run(rows, progress)
+    add_relative(results)
+    from .demo import _prior_accuracy
+
+    chance = _prior_accuracy(harness.train_json, harness.test_json)
+    report = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.__dict__.items()},
+        "text_tokens": text_tokens,
+        "chance_accuracy": chance,
+        "rows": results,
+        "total_seconds": time.perf_counter() - start,
+    }
+    out = harness.out
+    (out / "compare.json").write_text(json.dumps(report, indent=1))
+    (out / "compare.md").write_text(markdown(results, chance))
+    plot(results, out / "compare.png")
+    log(markdown(results, chance))
+    log(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and {out / 'compare.png'}")
+    return report
