@@ -30,6 +30,13 @@ def test_demo_writes_report_and_plot(tmp_path):
     assert report["skip_vision"]["train_flops"] < report["vanilla"]["train_flops"]
     assert 0 < report["chance_accuracy"] < 1
     assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the peers, training-free at Skip-Vision's prefill FLOPs budget
+    peers = report["peers"]
+    assert set(peers) == {"fastv", "pyramid_drop", "visionzip", "tome", "drop_random", "drop_position"}
+    target = report["skip_vision"]["prefill_flops"] / report["vanilla"]["prefill_flops"]
+    for name, peer in peers.items():
+        assert 0 <= peer["accuracy"] <= 1 and peer["kv_cache_bytes"] < report["vanilla"]["kv_cache_bytes"], name
+        assert abs(peer["prefill_flops"] / report["vanilla"]["prefill_flops"] - target) <= 0.05, name
 
 
 @pytest.mark.slow

@@ -201,3 +201,30 @@ def test_bad_settings_raise():
     one = prompts([1], SPAN, [3], [2])
     with pytest.raises(NotImplementedError, match="assisted"):
         model.generate(input_ids=one[0], pixel_values=one[2], max_new_tokens=3, prompt_lookup_num_tokens=2)
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "llava-next"])
+def test_other_families_full_budget_is_vanilla_and_caches_shrink(family):
+    """M-RoPE (Qwen2.5-VL) and anyres images (LLaVA-NeXT) on a left-padded batch: a full budget is vanilla (prefill
+    logits and greedy tokens), and a dropping model's later cache layers hold each sample's kept tokens only."""
+    from families import batch as family_batch
+    from families import pair as family_pair
+
+    vanilla, full = family_pair(family, fastv(1.0, layer=1))
+    samples = [(1, " what is it"), (2, " and these two?")]
+    inputs = family_batch(family, skipvision.vanilla_config(), samples, vanilla.config)
+    mask = inputs["attention_mask"].bool()
+    assert (full(**inputs).logits - vanilla(**inputs).logits)[mask].abs().max() <= 1e-4
+    kwargs = dict(max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert full.generate(**inputs, **kwargs).tolist() == vanilla.generate(**inputs, **kwargs).tolist()
+    layers = len(skipvision.family_of(full).decoder_layers(full))
+    _, model = family_pair(family, pyramid_drop(0.5, layers, stages=layers))
+    out = model(**inputs, use_cache=True)
+    visual = model.image_placeholder_mask(inputs["input_ids"]).sum(1)
+    text = mask.sum(1) - visual
+    cache = out.past_key_values
+    for layer_idx, fraction in [(0, 1.0), (1, 0.5), (layers - 1, 0.5 ** (layers - 1))]:
+        kept = [llm_drop.kept_count(int(v), fraction) for v in visual]
+        expected = inputs["input_ids"].shape[1] if layer_idx == 0 else max(int(t) + k for t, k in zip(text, kept))
+        assert cache.layers[layer_idx].keys.shape[2] == expected
+    assert model.generate(**inputs, **kwargs).shape[1] == inputs["input_ids"].shape[1] + 4

@@ -4,7 +4,9 @@ Generate the embedded shapes dataset, build a tiny random model of the preset's 
 the SV-LLaVA-HD setting, Qwen2.5-VL / Qwen3-VL), fine-tune a vanilla copy and a Skip-Vision copy (for Qwen-VL one
 per layout: in place and full) with the same budget and seed,
 evaluate both with ``generate``, measure FLOPs, latency and KV-cache size side by side, and write
-``report.json`` plus a trade-off plot (accuracy vs FLOPs, marker size = latency).
+``report.json`` plus a trade-off plot (accuracy vs FLOPs, marker size = latency). The peer methods (FastV,
+PyramidDrop, VisionZip, ToMe, token drop) join training-free: each applied to the vanilla-trained model at
+Skip-Vision's prefill-FLOPs budget (``skipvision compare`` also fine-tunes them and sweeps budgets).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import flops as F
-from .api import family_of, from_pretrained, load_processor
+from .api import family_of, from_pretrained, load_processor, save_processor
 from .bench import BenchSettings, make_inputs, measure_interleaved
 from .config import SkipVisionConfig, in_place_config
 from .data import LlavaCollator, LlavaJsonDataset, make_dataset
@@ -32,6 +34,7 @@ DEFAULT_STEPS = {
     "tiny-qwen3-vl": 300,
 }
 COLORS = {"vanilla": "#888888", "skip_vision": "#1f77b4", "skip_vision_inplace": "#ff7f0e"}
+PEER_COLOR = "#2ca02c"
 
 
 def demo_variants(preset: str) -> dict[str, SkipVisionConfig | None]:
@@ -44,6 +47,24 @@ def demo_variants(preset: str) -> dict[str, SkipVisionConfig | None]:
         runs["skip_vision_inplace"] = in_place_config(cfg.num_retained, cfg.selection)
     runs["skip_vision"] = spec.skip_vision
     return runs
+
+
+def demo_peers(vanilla: Any, skip: Any) -> list[tuple[str, SkipVisionConfig]]:
+    """Each peer that applies to this model, set to Skip-Vision's prefill FLOPs ratio (matched on the demo's
+    prompt with the analytic FLOPs model; VisionZip needs a CLS token, so not on Qwen-VL)."""
+    from .compare import METHODS, match_budget
+
+    family = family_of(vanilla)
+    shape = family.model_shape(vanilla.config)
+    preset = skip.skip_vision_config
+    vanilla_flops = F.report(shape, None, F.DEFAULT_TEXT_TOKENS)["prefill_total"]
+    target = F.report(shape, preset, F.DEFAULT_TEXT_TOKENS)["prefill_total"] / vanilla_flops
+    peers = []
+    for method in METHODS[1:]:
+        if method == "visionzip" and not family.vision_facts(vanilla.config).has_cls:
+            continue
+        peers.append((method, match_budget(method, target, shape, preset)[0]))
+    return peers
 
 
 DEFAULT_EXAMPLES = 6000
@@ -85,6 +106,12 @@ def _plot(report: dict[str, Any], path: Path) -> None:
             xytext=(14, -4),
             fontsize=8,
         )
+    for name, r in report.get("peers", {}).items():
+        x = 100 * r["prefill_flops"] / base_flops
+        ax.scatter([x], [100 * r["accuracy"]], s=40, color=PEER_COLOR, marker="s", alpha=0.7, edgecolors="black")
+        ax.annotate(name, (x, 100 * r["accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    if report.get("peers"):
+        ax.scatter([], [], s=40, color=PEER_COLOR, marker="s", label="peers, training-free at Skip-Vision's budget")
     ax.axhline(100 * report["chance_accuracy"], color="red", lw=0.8, ls="--", label="answer-prior baseline")
     ax.set_xlabel("inference FLOPs, % of vanilla (prefill, language model)")
     ax.set_ylabel("exact-match accuracy, %")
@@ -139,6 +166,17 @@ def format_table(report: dict[str, Any]) -> str:
             ratio = _ratio(value, vanilla[key])
             line += f"{show(value, fmt, scale):>22}{'-' if ratio is None else f'{ratio:.3f}':>8}"
         lines.append(line)
+    peers = report.get("peers")
+    if peers:
+        lines.append("")
+        lines.append("peers, training-free on the vanilla-trained model at skip_vision's prefill FLOPs budget:")
+        head = f"{'':34}{'accuracy':>10}{'prefill FLOPs':>15}{'prefill time':>14}{'KV cache':>10}"
+        lines += [head, "-" * len(head)]
+        for name, r in peers.items():
+            ratios = [_ratio(r[k], vanilla[k]) for k in ("prefill_flops", "prefill_seconds", "kv_cache_bytes")]
+            cells = "".join(f"{'-' if x is None else f'{x:.3f}':>{w}}" for x, w in zip(ratios, (15, 14, 10)))
+            lines.append(f"{name:34}{r['accuracy']:>10.3f}{cells}")
+        lines.append("(FLOPs, time and KV cache as ratios to vanilla)")
     lines.append(f"answer-prior baseline accuracy: {report['chance_accuracy']:.3f}")
     lines.append(
         "(measured FLOPs come from torch's FlopCounterMode, which charges full T x T attention and 2.5x for"
@@ -213,10 +251,32 @@ def demo(
         inputs = make_inputs(processor, 1, F.DEFAULT_TEXT_TOKENS, size, "cpu", model.dtype, prompt)
         report[name]["prefill_flops"] = F.batch_flops(model, inputs)["prefill_language_model"]
         built[name] = (model, inputs)
-    print(f"[5/5] measuring {', '.join(runs)} side by side: latency, KV cache")
+    report["peers"] = {}
+    for name, cfg in demo_peers(built["vanilla"][0], built["skip_vision"][0]):
+        print(f"[4/5] evaluating peer {name} (training-free, on the vanilla-trained model)")
+        path = out / "runs" / f"peer-{name}"
+        vanilla_final = Path(report["vanilla"]["checkpoint"])
+        from_pretrained(vanilla_final, skip_vision=cfg).save_pretrained(path)
+        save_processor(load_processor(vanilla_final, cfg), path)
+        result = evaluate(path, test_json)
+        model = from_pretrained(path)
+        processor = load_processor(path)
+        prompt = family_of(model).image_prompt(processor, model.config)
+        inputs = make_inputs(processor, 1, F.DEFAULT_TEXT_TOKENS, size, "cpu", model.dtype, prompt)
+        report["peers"][name] = {
+            "accuracy": result["accuracy"],
+            "per_type": result["per_type"],
+            "config": cfg.to_dict(),
+            "prefill_flops": F.batch_flops(model, inputs)["prefill_language_model"],
+        }
+        built[f"peer-{name}"] = (model, inputs)
+    print(f"[5/5] measuring {', '.join(built)} side by side: latency, KV cache")
     settings = BenchSettings(new_tokens=16, repeats=5, train=False, device="cpu")
     for name, timing in measure_interleaved(built, settings).items():
-        report[name].update(timing)
+        if name.startswith("peer-"):
+            report["peers"][name.removeprefix("peer-")].update(timing)
+        else:
+            report[name].update(timing)
     report["chance_accuracy"] = _prior_accuracy(train_json, test_json)
     keys = (
         "train_step_seconds",
