@@ -228,3 +228,19 @@ def test_other_families_full_budget_is_vanilla_and_caches_shrink(family):
         expected = inputs["input_ids"].shape[1] if layer_idx == 0 else max(int(t) + k for t, k in zip(text, kept))
         assert cache.layers[layer_idx].keys.shape[2] == expected
     assert model.generate(**inputs, **kwargs).shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+def test_beam_search_moves_the_bookkeeping():
+    # the reference is the vanilla layout through the same mixin (HF's own LLaVA gives other prefill logits for the
+    # beam-expanded two-image sample here; tests/test_hf_paths.py checks our beams against each sample alone)
+    _, vanilla = pair(skipvision.vanilla_config(), num_layers=LAYERS, dtype=torch.float64)
+    _, full = pair(fastv(1.0, layer=1), num_layers=LAYERS, dtype=torch.float64)
+    ids, mask, pixels = _batch()
+    pixels = pixels.double()
+    kwargs = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
+    want = vanilla.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **kwargs)
+    got = full.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **kwargs)
+    assert got.tolist() == want.tolist()
+    _, model = pair(pyramid_drop(0.5, LAYERS, stages=4), num_layers=LAYERS, dtype=torch.float64)
+    out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **kwargs)
+    assert out.shape == (6, ids.shape[1] + 4)

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .cache_rows import RowStateCacheMixin
+
 #: forward kwarg carrying the prefill's :class:`DropPlan` down the decoder stack
 DROP_PLAN_KWARG = "skip_vision_drop_plan"
 STATE_ATTR = "skip_vision_drop_state"
@@ -264,6 +266,10 @@ class DropCacheState:
     index: dict[int, torch.Tensor]
     valid: dict[int, torch.Tensor]
 
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.index.values())).shape[0]
+
     def select_rows(self, rows: torch.Tensor) -> DropCacheState:
         return replace(
             self,
@@ -296,35 +302,17 @@ class DropCacheState:
         return torch.cat([prompt, mask[..., self.prompt_length :]], dim=-1)
 
 
-class DropCacheMixin:
+class DropCacheMixin(RowStateCacheMixin):
     """Mixed into the cache of a prefill that dropped tokens: beam reordering moves the bookkeeping too; cropping
     (assisted decoding) is refused, since the layers hold different prompt lengths."""
+
+    state_attr = STATE_ATTR
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError(
             "a cache whose later layers dropped visual tokens (llm_drop) cannot be cropped: assisted and "
             "prompt-lookup decoding are not supported with in-LLM dropping"
         )
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        setattr(self, STATE_ATTR, getattr(self, STATE_ATTR).select_rows(beam_idx))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        setattr(self, STATE_ATTR, getattr(self, STATE_ATTR).select_rows(indices))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        state: DropCacheState = getattr(self, STATE_ATTR)
-        batch = next(iter(state.index.values())).shape[0]
-        rows = torch.arange(batch).repeat_interleave(repeats)
-        setattr(self, STATE_ATTR, state.select_rows(rows))
-
-    def reset(self) -> None:
-        super().reset()
-        delattr(self, STATE_ATTR)
-        self.__class__ = self.__class__.__bases__[1]
 
 
 @memoize

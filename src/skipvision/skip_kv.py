@@ -19,6 +19,8 @@ from functools import cache as memoize
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
+from .cache_rows import RowStateCacheMixin
+
 STATE_ATTR = "skip_vision_state"
 
 
@@ -34,6 +36,10 @@ class SkipKVState:
     kept_index: torch.Tensor  # (batch, K) long
     slot_valid: torch.Tensor  # (batch, K) bool
     all_slots_valid: bool  # computed once, so decode steps need no device sync
+
+    @property
+    def batch_size(self) -> int:
+        return self.kept_index.shape[0]
 
     @property
     def num_slots(self) -> int:
@@ -85,8 +91,10 @@ class SkipKVState:
         return arange.unsqueeze(0).expand(self.kept_index.shape[0], -1)
 
 
-class PrunedCacheMixin:
+class PrunedCacheMixin(RowStateCacheMixin):
     """Mixed into a pruned cache's class: lengths in full coordinates for ``generate``, real slots for masks."""
+
+    state_attr = STATE_ATTR
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         state: SkipKVState = getattr(self, STATE_ATTR)
@@ -104,26 +112,6 @@ class PrunedCacheMixin:
                 "pruned prompt; the prompt's skipped keys are gone, so prefill a new cache to change the prompt"
             )
         super().crop(tokens_to_remove)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        setattr(self, STATE_ATTR, getattr(self, STATE_ATTR).select_rows(beam_idx))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        setattr(self, STATE_ATTR, getattr(self, STATE_ATTR).select_rows(indices))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        state: SkipKVState = getattr(self, STATE_ATTR)
-        rows = torch.arange(state.kept_index.shape[0], device=state.kept_index.device).repeat_interleave(repeats)
-        setattr(self, STATE_ATTR, state.select_rows(rows))
-
-    def reset(self) -> None:
-        # an emptied cache (a static cache reused by the next generate) is unpruned again
-        super().reset()
-        delattr(self, STATE_ATTR)
-        self.__class__ = self.__class__.__bases__[1]
 
 
 @memoize
