@@ -61,6 +61,8 @@ def test_a_tiny_run_writes_its_table_and_resumes(tmp_path, monkeypatch):
     ]
     for row in report["rows"]:
         assert 0.0 <= row["accuracy"] <= 1.0 and row["count"] == 4
+        if row["key"] == "vanilla":
+            assert row["prefill_seconds_ratio"] == row["kv_cache_bytes_ratio"] == 1.0
         if row["key"] != "vanilla":  # the real prompts' FLOPs are near the matched budget
             assert abs(row["prefill_flops_ratio"] - row["matched_prefill_ratio"]) <= 0.05
             assert row["prefill_seconds_ratio"] > 0 and row["kv_cache_bytes_ratio"] < 1
@@ -73,5 +75,6 @@ def test_a_tiny_run_writes_its_table_and_resumes(tmp_path, monkeypatch):
         raise AssertionError(f"row {row.key} was recomputed")
 
     monkeypatch.setattr(C.Harness, "run_row", recompute)
+    monkeypatch.setattr(C, "measure_interleaved", recompute)  # every setting's times are saved too
     again = C.compare(settings, progress=False, log=lambda _: None)
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in report["rows"]]

@@ -205,7 +205,6 @@ class Harness:
             self.base = base
         else:
             self.base = init_model(settings.preset, base, seed=settings.seed)
-        self._timing_cache: dict[str, dict[str, Any]] = {}
 
     def row_path(self, row: Row) -> Path:
         return self.out / "rows" / f"{row.key}.json"
@@ -278,7 +277,8 @@ class Harness:
             checkpoint, self.test_json, limit=self.s.eval_limit, progress=False, skip_kv_cache=skip_kv
         )
         result.update(accuracy=evaluation["accuracy"], per_type=evaluation["per_type"], count=evaluation["count"])
-        result.update(self._costs(checkpoint, row, skip_kv))
+        result["checkpoint"] = str(checkpoint)
+        result.update(self._flops(checkpoint, skip_kv))
         result["row_seconds"] = time.perf_counter() - start
         return result
 
@@ -289,43 +289,70 @@ class Harness:
         skip = self.train("ablation-preset", cfg, self.s.steps)
         return max(1, round(self.s.steps * vanilla["train_seconds"] / skip["train_seconds"]))
 
-    def _costs(self, checkpoint: Path, row: Row, skip_kv: bool | None) -> dict[str, Any]:
-        """Analytic FLOPs of real batches, and times measured interleaved with vanilla (cached per setting)."""
+    def _model(self, checkpoint: Path, config: dict[str, Any]) -> Any:
+        """A row's model: its checkpoint with the row's settings (``ablation-no_skip_kv`` decodes unpruned)."""
+        return from_pretrained(checkpoint, skip_vision=SkipVisionConfig.from_dict(config))
+
+    def _flops(self, checkpoint: Path, skip_kv: bool | None) -> dict[str, Any]:
+        """Analytic FLOPs of real batches: one test prompt (prefill) and one training batch of 8."""
         model = from_pretrained(checkpoint)
         if skip_kv is not None:
             model.skip_vision_config = replace(model.skip_vision_config, skip_kv_cache=skip_kv)
         processor = load_processor(checkpoint)
         dataset = LlavaJsonDataset(self.train_json, None, processor)
         batch = LlavaCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(BATCH_SIZE)])
-        size = (self.spec.data_image_size, self.spec.data_image_size)
-        prompt = family_of(model).image_prompt(processor, model.config)
-        inputs = make_inputs(processor, 4, F.DEFAULT_TEXT_TOKENS, size, "cpu", model.dtype, prompt)
-        # prefill FLOPs of a real test prompt: the first record with an image
         test = LlavaJsonDataset(self.test_json, None, processor)
-        record = next(r for r in test.records if test.load_images(r))
+        record = next(r for r in test.records if test.load_images(r))  # the first test prompt with an image
         single = LlavaCollator(processor.tokenizer.pad_token_id)([test.encode_prompt(record)[0]])
         single.pop("labels")
-        costs = {
-            "prefill_flops": F.batch_flops(model, single)["prefill_language_model"],
-            "prefill_flops_total": F.batch_flops(model, single)["prefill"],
+        prefill = F.batch_flops(model, single)
+        return {
+            "prefill_flops": prefill["prefill_language_model"],
+            "prefill_flops_total": prefill["prefill"],
             "train_flops": F.batch_flops(model, batch)["train"],
         }
-        key = json.dumps(model.skip_vision_config.to_dict(), sort_keys=True)
-        if key not in self._timing_cache:
-            vanilla_dir = self.vanilla_checkpoint()
-            vanilla = from_pretrained(vanilla_dir)
-            vanilla_inputs = make_inputs(
-                load_processor(vanilla_dir), 4, F.DEFAULT_TEXT_TOKENS, size, "cpu", vanilla.dtype, prompt
-            )
-            settings = BenchSettings(new_tokens=8, repeats=self.s.timing_repeats, device="cpu")
-            timed = measure_interleaved({"vanilla": (vanilla, vanilla_inputs), "row": (model, inputs)}, settings)
-            keys = ("prefill_seconds", "decode_seconds_per_token", "train_step_seconds", "kv_cache_bytes")
-            self._timing_cache[key] = {
-                **{k: timed["row"].get(k) for k in keys},
-                **{f"{k}_ratio": _ratio(timed["row"].get(k), timed["vanilla"].get(k)) for k in keys},
+
+    def row_checkpoint(self, result: dict[str, Any]) -> Path:
+        """The checkpoint a row evaluated (rows saved before this field existed: from their key)."""
+        if "checkpoint" in result:
+            return Path(result["checkpoint"])
+        run = {"ablation-no_skip_kv": "ablation-preset"}.get(result["key"], result["key"])
+        return self.out / "runs" / run / "final"
+
+    def time_settings(self, results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Prefill, decode, train-step time and KV bytes of every distinct setting, measured side by side in one
+        interleaved run (each round times every model once; medians), as ratios to vanilla's. Saved to
+        ``timings.json``; rerun only when a setting is missing."""
+        path = self.out / "timings.json"
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        settings_rows = {}
+        for r in results:
+            settings_rows.setdefault(json.dumps(r["config"], sort_keys=True), r)
+        if set(settings_rows) <= set(saved):
+            return saved
+        size = (self.spec.data_image_size, self.spec.data_image_size)
+        built = {}
+        for key, r in settings_rows.items():
+            checkpoint = self.row_checkpoint(r)
+            model = self._model(checkpoint, r["config"])
+            processor = load_processor(checkpoint, model.skip_vision_config)
+            prompt = family_of(model).image_prompt(processor, model.config)
+            built[key] = (model, make_inputs(processor, 4, F.DEFAULT_TEXT_TOKENS, size, "cpu", model.dtype, prompt))
+        vanilla_key = json.dumps(next(r for r in results if r["key"] == "vanilla")["config"], sort_keys=True)
+        settings = BenchSettings(new_tokens=8, repeats=self.s.timing_repeats, device="cpu")
+        timed = measure_interleaved(built, settings)
+        keys = ("prefill_seconds", "decode_seconds_per_token", "train_step_seconds", "kv_cache_bytes")
+        timings = {
+            key: {
+                **{k: row.get(k) for k in keys},
+                **{f"{k}_ratio": _ratio(row.get(k), timed[vanilla_key].get(k)) for k in keys},
             }
-        costs.update(self._timing_cache[key])
-        return costs
+            for key, row in timed.items()
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(timings, indent=1))
+        tmp.replace(path)
+        return timings
 
     def run(self, rows: list[Row], progress: bool = True) -> list[dict[str, Any]]:
         results = []
@@ -385,7 +412,8 @@ def markdown(results: list[dict[str, Any]], chance: float | None = None) -> str:
     notes = [
         "",
         "FLOPs and times are ratios to the vanilla row (FLOPs: analytic, language model prefill of one prompt and a "
-        "training step of 8 examples; times: measured interleaved with vanilla at batch 4, medians). Accuracy: "
+        "training step of 8 examples; times: every setting measured in one interleaved run at batch 4, medians of "
+        "rounds). Accuracy: "
         "exact match on the test split, with greedy `generate`.",
     ]
     if chance is not None:
@@ -439,6 +467,10 @@ def compare(settings: CompareSettings, progress: bool = True, log: Callable[[str
         f"{text_tokens} prompt text tokens + 1 image"
     )
     results = harness.run(rows, progress)
+    log(f"compare: timing {len({json.dumps(r['config'], sort_keys=True) for r in results})} settings side by side")
+    timings = harness.time_settings(results)
+    for r in results:
+        r.update(timings[json.dumps(r["config"], sort_keys=True)])
     add_relative(results)
     from .demo import _prior_accuracy
 
