@@ -78,3 +78,26 @@ def test_a_tiny_run_writes_its_table_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "measure_interleaved", recompute)  # every setting's times are saved too
     again = C.compare(settings, progress=False, log=lambda _: None)
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in report["rows"]]
+
+
+def test_ablations_run_and_change_what_they_say(tmp_path):
+    settings = C.CompareSettings(
+        out=tmp_path / "abl",
+        methods=(),
+        regimes=(),
+        ablations=("no_skip_kv", "no_merge", "equal_wall_clock"),
+        steps=1,
+        num_examples=24,
+        eval_limit=2,
+        timing_repeats=1,
+    )
+    report = C.compare(settings, progress=False, log=lambda _: None)
+    rows = {r["key"]: r for r in report["rows"]}
+    assert set(rows) == {"vanilla", "ablation-preset", *(f"ablation-{a}" for a in settings.ablations)}
+    preset = rows["ablation-preset"]
+    # no Skip KV-cache: the same fine-tuned weights, a full cache; the others are trainings of their own
+    assert rows["ablation-no_skip_kv"]["checkpoint"] == preset["checkpoint"]
+    assert preset["kv_cache_bytes"] < rows["ablation-no_skip_kv"]["kv_cache_bytes"] < rows["vanilla"]["kv_cache_bytes"]
+    assert rows["ablation-no_merge"]["prefill_flops"] > preset["prefill_flops"]
+    assert rows["ablation-equal_wall_clock"]["steps"] >= 1
+    assert len({r["checkpoint"] for r in rows.values()}) == len(rows) - 1

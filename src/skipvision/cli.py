@@ -330,6 +330,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import ABLATIONS as C_ABLATIONS
     from .compare import METHODS, REGIMES, CompareSettings, compare, quick
 
     unknown = sorted(set(args.methods) - set(METHODS)) + sorted(set(args.regimes) - set(REGIMES))
@@ -344,7 +345,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         methods=tuple(args.methods),
         regimes=tuple(args.regimes),
         fine_tune_budgets=None if args.fine_tune_budgets == ["all"] else tuple(map(float, args.fine_tune_budgets)),
-        ablations=args.ablations,
+        ablations=C_ABLATIONS if args.ablations == [] else tuple(args.ablations or ()),
         steps=args.steps,
         num_examples=args.n,
         eval_limit=args.eval_limit or None,
@@ -513,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fine-tune-budgets", nargs="+", default=["0.4"], help="budgets trained with the method on ('all': every one)"
     )
-    p.add_argument("--ablations", action="store_true", help="also Skip-Vision's ablations (fine-tuned)")
+    p.add_argument("--ablations", nargs="*", help="also Skip-Vision's ablations, fine-tuned (no names: all of them)")
     p.add_argument("--steps", type=int, default=400, help="training steps per run")
     p.add_argument("--n", type=int, default=6000, help="examples of the embedded dataset")
     p.add_argument("--eval-limit", type=int, default=300, help="evaluate the first N test records (0: all)")

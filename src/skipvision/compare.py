@@ -60,7 +60,7 @@ class CompareSettings:
     methods: tuple[str, ...] = METHODS
     regimes: tuple[str, ...] = REGIMES
     fine_tune_budgets: tuple[float, ...] | None = (0.4,)  # None: every budget
-    ablations: bool = False
+    ablations: tuple[str, ...] = ()  # names from ABLATIONS
     steps: int = 400
     num_examples: int = 6000
     eval_limit: int | None = 300
@@ -170,10 +170,13 @@ def plan_rows(
             for method in settings.methods:
                 cfg, ratio = match_budget(method, budget, shape, preset_cfg, text_tokens)
                 rows.append(Row(f"{regime}-{method}-{budget:g}", method, regime, budget, cfg, ratio))
+    unknown = sorted(set(settings.ablations) - set(ABLATIONS))
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {unknown}; choose from {ABLATIONS}")
     if settings.ablations:
         base_ratio = prefill_ratio(shape, preset_cfg, text_tokens)
         rows.append(Row("ablation-preset", "skip_vision (preset)", "fine-tuned", None, preset_cfg, base_ratio))
-        for name in ABLATIONS:
+        for name in (a for a in ABLATIONS if a in settings.ablations):
             cfg = ablation_config(name, preset_cfg, shape.text.layers)
             rows.append(
                 Row(f"ablation-{name}", f"ablation: {name}", "fine-tuned", None, cfg, prefill_ratio(shape, cfg))
@@ -283,11 +286,22 @@ class Harness:
         return result
 
     def _equal_wall_clock_steps(self, cfg: SkipVisionConfig) -> int:
-        """Steps of the preset's Skip-Vision run that fit in vanilla's training time (per-step times measured in
-        the two trainings of this run)."""
-        vanilla = self.train("vanilla", None, self.s.steps)
-        skip = self.train("ablation-preset", cfg, self.s.steps)
-        return max(1, round(self.s.steps * vanilla["train_seconds"] / skip["train_seconds"]))
+        """Steps of the preset's Skip-Vision setting that take the time of vanilla's run: the run's steps times the
+        ratio of their train-step times, measured side by side (interleaved) on the same training batch."""
+        models = {
+            "vanilla": self.vanilla_checkpoint(),
+            "skip": Path(self.train("ablation-preset", cfg, self.s.steps)["final"]),
+        }
+        built = {}
+        for name, checkpoint in models.items():
+            model = from_pretrained(checkpoint)
+            processor = load_processor(checkpoint)
+            dataset = LlavaJsonDataset(self.train_json, None, processor)
+            batch = LlavaCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(BATCH_SIZE)])
+            built[name] = (model, batch)
+        timed = measure_interleaved(built, BenchSettings(new_tokens=1, repeats=5, device="cpu"))
+        ratio = timed["vanilla"]["train_step_seconds"] / timed["skip"]["train_step_seconds"]
+        return max(1, round(self.s.steps * ratio))
 
     def _model(self, checkpoint: Path, config: dict[str, Any]) -> Any:
         """A row's model: its checkpoint with the row's settings (``ablation-no_skip_kv`` decodes unpruned)."""
