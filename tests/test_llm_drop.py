@@ -199,6 +199,9 @@ def test_bad_settings_raise():
             input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=2, cache_implementation="static"
         )
     one = prompts([1], SPAN, [3], [2])
+    cache = model(input_ids=one[0], pixel_values=one[2], use_cache=True).past_key_values
+    with pytest.raises(NotImplementedError, match="empty cache"):
+        model(input_ids=one[0], pixel_values=one[2], past_key_values=cache, use_cache=True)
     with pytest.raises(NotImplementedError, match="assisted"):
         model.generate(input_ids=one[0], pixel_values=one[2], max_new_tokens=3, prompt_lookup_num_tokens=2)
 

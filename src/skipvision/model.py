@@ -669,6 +669,11 @@ class SkipVisionMixin:
         if attn not in ("eager", "sdpa"):
             raise NotImplementedError(f"in-LLM dropping (llm_drop) needs eager or SDPA attention, not {attn!r}")
         llm_drop.check_cache(cache)
+        if cache is not None and (cache_slots(cache) > 0 or llm_drop.cache_state(cache) is not None):
+            raise NotImplementedError(
+                "in-LLM dropping (llm_drop) ranks and drops a prompt's visual tokens in the prefill of an empty cache; "
+                "prefill a new cache with the whole conversation to add images"
+            )
         if self._skip_vision_prompt_length is not None and visual.shape[1] > self._skip_vision_prompt_length:
             raise NotImplementedError("assisted and prompt-lookup decoding are not supported with llm_drop")
         mask = mask_2d if isinstance(mask_2d, torch.Tensor) and mask_2d.shape == visual.shape else None
