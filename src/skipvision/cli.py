@@ -509,8 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="training LLaVA JSON (default: the embedded dataset); needs --test-data")
     p.add_argument("--test-data", help="test LLaVA JSON")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.4, 0.6], help="prefill FLOPs fractions")
-    p.add_argument("--methods", nargs="+", default=list(_compare_methods()), help="methods to compare")
-    p.add_argument("--regimes", nargs="+", default=["training-free", "fine-tuned"], help="regimes")
+    p.add_argument("--methods", nargs="*", default=list(_compare_methods()), help="methods to compare")
+    p.add_argument("--regimes", nargs="*", default=["training-free", "fine-tuned"], help="regimes")
     p.add_argument(
         "--fine-tune-budgets", nargs="+", default=["0.4"], help="budgets trained with the method on ('all': every one)"
     )

@@ -435,7 +435,7 @@ def markdown(results: list[dict[str, Any]], chance: float | None = None) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
+def plot(results: list[dict[str, Any]], path: Path, chance: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -458,6 +458,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
                 xs, ys = zip(*points)
                 ax.plot([100 * x for x in xs], [100 * y for y in ys], marker="o", label=method)
         ax.scatter([100], [100 * vanilla["accuracy"]], color="black", marker="*", s=120, label="vanilla", zorder=5)
+        if chance is not None:
+            ax.axhline(100 * chance, color="red", lw=0.8, ls="--", label="answer-prior baseline")
         ax.set_title(f"{regime}", fontsize=10)
         ax.set_xlabel("prefill FLOPs, % of vanilla (language model)")
         ax.set_ylabel("exact-match accuracy, %")
@@ -499,7 +501,7 @@ def compare(settings: CompareSettings, progress: bool = True, log: Callable[[str
     out = harness.out
     (out / "compare.json").write_text(json.dumps(report, indent=1))
     (out / "compare.md").write_text(markdown(results, chance))
-    plot(results, out / "compare.png")
+    plot(results, out / "compare.png", chance)
     log(markdown(results, chance))
     log(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and {out / 'compare.png'}")
     return report
