@@ -1,4 +1,5 @@
-"""Per-sample bookkeeping that travels with a cache's batch rows (Skip KV-cache pruning, in-LLM dropping)."""
+"""Per-sample bookkeeping that travels with a cache's batch rows (Skip KV-cache pruning, in-LLM dropping), and the
+compaction both use to keep a different number of columns per sample."""
 
 from __future__ import annotations
 
@@ -41,3 +42,15 @@ class RowStateCacheMixin:
         super().reset()
         delattr(self, self.state_attr)
         self.__class__ = self.__class__.__bases__[1]
+
+
+def compact_slots(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots of the kept columns of ``keep (batch, L)``: ``(index, valid)``, both ``(batch, K)`` with K the widest
+    row's count. Each row lists its kept columns first, in their order; a shorter row's tail points at columns it
+    did not keep, marked invalid."""
+    batch, length = keep.shape
+    counts = keep.sum(dim=1)
+    width = int(counts.max())
+    order = ((~keep).long() * length + torch.arange(length, device=keep.device)).argsort(dim=1)
+    valid = torch.arange(width, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)
+    return order[:, :width], valid

@@ -330,8 +330,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .compare import ABLATIONS as C_ABLATIONS
-    from .compare import METHODS, REGIMES, CompareSettings, compare, quick
+    from .compare import ABLATIONS, METHODS, REGIMES, CompareSettings, compare, quick
 
     unknown = sorted(set(args.methods) - set(METHODS)) + sorted(set(args.regimes) - set(REGIMES))
     if unknown:
@@ -345,7 +344,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         methods=tuple(args.methods),
         regimes=tuple(args.regimes),
         fine_tune_budgets=None if args.fine_tune_budgets == ["all"] else tuple(map(float, args.fine_tune_budgets)),
-        ablations=C_ABLATIONS if args.ablations == [] else tuple(args.ablations or ()),
+        ablations=ABLATIONS if args.ablations == [] else tuple(args.ablations or ()),
         steps=args.steps,
         num_examples=args.n,
         eval_limit=args.eval_limit or None,

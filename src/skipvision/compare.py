@@ -25,14 +25,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from . import flops as F
-from .api import family_of, from_pretrained, load_processor, save_processor
+from .api import family_of, from_pretrained, load_processor
 from .bench import BenchSettings, make_inputs, measure_interleaved
 from .config import SkipVisionConfig, vanilla_config
-from .data import LlavaCollator, LlavaJsonDataset, make_dataset
+from .data import LlavaCollator, LlavaJsonDataset, first_batch, make_dataset
 from .evaluate import evaluate
 from .peers import fastv, pyramid_drop, token_drop, tome, visionzip
 from .presets import get_preset, init_model
-from .train import TrainConfig, _read_manifest, train
+from .train import TrainConfig, _read_manifest, load_for_training, save_atomically, train, write_json_atomically
 
 METHODS = ("skip_vision", "fastv", "pyramid_drop", "visionzip", "tome", "drop_random", "drop_position")
 REGIMES = ("training-free", "fine-tuned")
@@ -239,11 +239,8 @@ class Harness:
     def training_free_checkpoint(self, row: Row) -> Path:
         """The vanilla-trained weights with the method's settings (and its processor's image-token count)."""
         path = self.out / "runs" / row.key / "final"
-        if not (path / "config.json").exists():
-            vanilla = self.vanilla_checkpoint()
-            model = from_pretrained(vanilla, skip_vision=row.cfg)
-            model.save_pretrained(path)
-            save_processor(load_processor(vanilla, row.cfg), path)
+        if not path.exists():  # written whole or not at all
+            save_atomically(*load_for_training(str(self.vanilla_checkpoint()), row.cfg), path)
         return path
 
     def run_row(self, row: Row) -> dict[str, Any]:
@@ -257,10 +254,7 @@ class Harness:
             "config": (row.cfg or vanilla_config()).to_dict(),
         }
         skip_kv = None
-        if row.key == "vanilla":
-            summary = self.train("vanilla", None, self.s.steps)
-            checkpoint = Path(summary["final"])
-        elif row.regime == "training-free":
+        if row.regime == "training-free":
             checkpoint, summary = self.training_free_checkpoint(row), None
         elif row.key == "ablation-no_skip_kv":  # a decode-time switch: the preset's fine-tuned model, unpruned
             summary = self.train("ablation-preset", replace(row.cfg, skip_kv_cache=True), self.s.steps)
@@ -281,7 +275,7 @@ class Harness:
         )
         result.update(accuracy=evaluation["accuracy"], per_type=evaluation["per_type"], count=evaluation["count"])
         result["checkpoint"] = str(checkpoint)
-        result.update(self._flops(checkpoint, skip_kv))
+        result.update(self._flops(checkpoint, result["config"]))
         result["row_seconds"] = time.perf_counter() - start
         return result
 
@@ -292,13 +286,10 @@ class Harness:
             "vanilla": self.vanilla_checkpoint(),
             "skip": Path(self.train("ablation-preset", cfg, self.s.steps)["final"]),
         }
-        built = {}
-        for name, checkpoint in models.items():
-            model = from_pretrained(checkpoint)
-            processor = load_processor(checkpoint)
-            dataset = LlavaJsonDataset(self.train_json, None, processor)
-            batch = LlavaCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(BATCH_SIZE)])
-            built[name] = (model, batch)
+        built = {
+            name: (from_pretrained(checkpoint), first_batch(self.train_json, load_processor(checkpoint), BATCH_SIZE))
+            for name, checkpoint in models.items()
+        }
         timed = measure_interleaved(built, BenchSettings(new_tokens=1, repeats=5, device="cpu"))
         ratio = timed["vanilla"]["train_step_seconds"] / timed["skip"]["train_step_seconds"]
         return max(1, round(self.s.steps * ratio))
@@ -307,14 +298,11 @@ class Harness:
         """A row's model: its checkpoint with the row's settings (``ablation-no_skip_kv`` decodes unpruned)."""
         return from_pretrained(checkpoint, skip_vision=SkipVisionConfig.from_dict(config))
 
-    def _flops(self, checkpoint: Path, skip_kv: bool | None) -> dict[str, Any]:
+    def _flops(self, checkpoint: Path, config: dict[str, Any]) -> dict[str, Any]:
         """Analytic FLOPs of real batches: one test prompt (prefill) and one training batch of 8."""
-        model = from_pretrained(checkpoint)
-        if skip_kv is not None:
-            model.skip_vision_config = replace(model.skip_vision_config, skip_kv_cache=skip_kv)
+        model = self._model(checkpoint, config)
         processor = load_processor(checkpoint)
-        dataset = LlavaJsonDataset(self.train_json, None, processor)
-        batch = LlavaCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(BATCH_SIZE)])
+        batch = first_batch(self.train_json, processor, BATCH_SIZE)
         test = LlavaJsonDataset(self.test_json, None, processor)
         record = next(r for r in test.records if test.load_images(r))  # the first test prompt with an image
         single = LlavaCollator(processor.tokenizer.pad_token_id)([test.encode_prompt(record)[0]])
@@ -325,13 +313,6 @@ class Harness:
             "prefill_flops_total": prefill["prefill"],
             "train_flops": F.batch_flops(model, batch)["train"],
         }
-
-    def row_checkpoint(self, result: dict[str, Any]) -> Path:
-        """The checkpoint a row evaluated (rows saved before this field existed: from their key)."""
-        if "checkpoint" in result:
-            return Path(result["checkpoint"])
-        run = {"ablation-no_skip_kv": "ablation-preset"}.get(result["key"], result["key"])
-        return self.out / "runs" / run / "final"
 
     def time_settings(self, results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Prefill, decode, train-step time and KV bytes of every distinct setting, measured side by side in one
@@ -347,7 +328,7 @@ class Harness:
         size = (self.spec.data_image_size, self.spec.data_image_size)
         built = {}
         for key, r in settings_rows.items():
-            checkpoint = self.row_checkpoint(r)
+            checkpoint = Path(r["checkpoint"])
             model = self._model(checkpoint, r["config"])
             processor = load_processor(checkpoint, model.skip_vision_config)
             prompt = family_of(model).image_prompt(processor, model.config)
@@ -363,9 +344,7 @@ class Harness:
             }
             for key, row in timed.items()
         }
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(timings, indent=1))
-        tmp.replace(path)
+        write_json_atomically(path, timings)
         return timings
 
     def run(self, rows: list[Row], progress: bool = True) -> list[dict[str, Any]]:
@@ -378,9 +357,7 @@ class Harness:
                 results.append(json.loads(path.read_text()))
                 continue
             result = self.run_row(row)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            tmp.replace(path)  # a row is on disk whole or not at all
+            write_json_atomically(path, result)
             results.append(result)
         return results
 

@@ -488,3 +488,10 @@ def _concat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
         width = max(t.shape[1] for t in tensors)
         tensors = [torch.nn.functional.pad(t, (0, 0) * (t.ndim - 2) + (0, width - t.shape[1])) for t in tensors]
     return torch.cat(tensors)
+
+
+def first_batch(data: str | Path, processor: Any, size: int) -> dict[str, Any]:
+    """The first ``size`` training examples of a LLaVA JSON, collated (right padding, labels): the fixed batch the
+    demo and ``skipvision compare`` count training FLOPs and time training steps on."""
+    dataset = LlavaJsonDataset(data, None, processor)
+    return LlavaCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(size)])

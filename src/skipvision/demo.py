@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from . import flops as F
-from .api import family_of, from_pretrained, load_processor, save_processor
+from .api import family_of, from_pretrained, load_processor
 from .bench import BenchSettings, make_inputs, measure_interleaved
 from .config import SkipVisionConfig, in_place_config
-from .data import LlavaCollator, LlavaJsonDataset, make_dataset
+from .data import first_batch, make_dataset
 from .evaluate import evaluate
 from .presets import QWEN_FAMILIES, get_preset, init_model
-from .train import TrainConfig, train
+from .train import TrainConfig, load_for_training, save_atomically, train
 
 DEFAULT_STEPS = {
     "tiny": 700,
@@ -52,15 +52,14 @@ def demo_variants(preset: str) -> dict[str, SkipVisionConfig | None]:
 def demo_peers(vanilla: Any, skip: Any) -> list[tuple[str, SkipVisionConfig]]:
     """Each peer that applies to this model, set to Skip-Vision's prefill FLOPs ratio (matched on the demo's
     prompt with the analytic FLOPs model; VisionZip needs a CLS token, so not on Qwen-VL)."""
-    from .compare import METHODS, match_budget
+    from .compare import METHODS, match_budget, prefill_ratio
 
     family = family_of(vanilla)
     shape = family.model_shape(vanilla.config)
     preset = skip.skip_vision_config
-    vanilla_flops = F.report(shape, None, F.DEFAULT_TEXT_TOKENS)["prefill_total"]
-    target = F.report(shape, preset, F.DEFAULT_TEXT_TOKENS)["prefill_total"] / vanilla_flops
+    target = prefill_ratio(shape, preset)
     peers = []
-    for method in METHODS[1:]:
+    for method in (m for m in METHODS if m != "skip_vision"):
         if method == "visionzip" and not family.vision_facts(vanilla.config).has_cls:
             continue
         peers.append((method, match_budget(method, target, shape, preset)[0]))
@@ -75,14 +74,22 @@ LEARNING_RATE = 1e-3
 def _train_flops(model_dir: Path, data: Path) -> dict[str, float]:
     """Analytic and measured FLOPs of one training step on the first batch of the training set."""
     model = from_pretrained(model_dir)
-    processor = load_processor(model_dir)
-    dataset = LlavaJsonDataset(data, None, processor)
-    batch = LlavaCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(BATCH_SIZE)])
+    batch = first_batch(data, load_processor(model_dir), BATCH_SIZE)
     model.train()
     family_of(model).vision_tower(model).requires_grad_(False)  # frozen in training too
     measured, _ = F.measured_flops(lambda: model(**batch).loss.backward())
     analytic = F.batch_flops(model, batch)["train"]
     return {"train_flops": float(analytic), "train_flops_measured": float(measured)}
+
+
+def _prefill_inputs(checkpoint: str | Path, image_size: int) -> tuple[Any, dict[str, Any]]:
+    """A checkpoint's model and one prompt (words, one image, words) expanded by its own processor: the input
+    whose prefill the demo counts and times."""
+    model = from_pretrained(checkpoint)
+    processor = load_processor(checkpoint)
+    prompt = family_of(model).image_prompt(processor, model.config)
+    size = (image_size, image_size)
+    return model, make_inputs(processor, 1, F.DEFAULT_TEXT_TOKENS, size, "cpu", model.dtype, prompt)
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
@@ -244,25 +251,16 @@ def demo(
         result = evaluate(final, test_json)
         report[name].update(accuracy=result["accuracy"], per_type=result["per_type"])
         report[name].update(_train_flops(final, train_json))
-        model = from_pretrained(final)
-        size = (spec.data_image_size, spec.data_image_size)
-        processor = load_processor(final)
-        prompt = family_of(model).image_prompt(processor, model.config)
-        inputs = make_inputs(processor, 1, F.DEFAULT_TEXT_TOKENS, size, "cpu", model.dtype, prompt)
+        model, inputs = _prefill_inputs(final, spec.data_image_size)
         report[name]["prefill_flops"] = F.batch_flops(model, inputs)["prefill_language_model"]
         built[name] = (model, inputs)
     report["peers"] = {}
     for name, cfg in demo_peers(built["vanilla"][0], built["skip_vision"][0]):
         print(f"[4/5] evaluating peer {name} (training-free, on the vanilla-trained model)")
         path = out / "runs" / f"peer-{name}"
-        vanilla_final = Path(report["vanilla"]["checkpoint"])
-        from_pretrained(vanilla_final, skip_vision=cfg).save_pretrained(path)
-        save_processor(load_processor(vanilla_final, cfg), path)
+        save_atomically(*load_for_training(report["vanilla"]["checkpoint"], cfg), path)
         result = evaluate(path, test_json)
-        model = from_pretrained(path)
-        processor = load_processor(path)
-        prompt = family_of(model).image_prompt(processor, model.config)
-        inputs = make_inputs(processor, 1, F.DEFAULT_TEXT_TOKENS, size, "cpu", model.dtype, prompt)
+        model, inputs = _prefill_inputs(path, spec.data_image_size)
         report["peers"][name] = {
             "accuracy": result["accuracy"],
             "per_type": result["per_type"],

@@ -154,8 +154,13 @@ class SequenceCounts:
     skipped_per_image: int  # S
 
     @property
+    def image_tokens(self) -> int:
+        """Every image placeholder of the sequence (what in-LLM dropping ranks)."""
+        return self.images * (self.full_per_image + self.skipped_per_image)
+
+    @property
     def attention_length(self) -> int:
-        return self.text + self.images * (self.full_per_image + self.skipped_per_image)
+        return self.text + self.image_tokens
 
     @property
     def ffn_length(self) -> int:
@@ -183,7 +188,7 @@ def language_flops(
     costs the ranking (the query token's projection, the layer's keys again, one row of scores)."""
     text = shape.text
     total = {"projections": 0, "attention": 0, "ffn": 0}
-    visual = counts.images * (counts.full_per_image + counts.skipped_per_image)
+    visual = counts.image_tokens
     present = visual_per_layer(visual, llm_drop, text.layers)
     stages = dict(llm_drop)
     q, kv, d = text.heads * text.head_dim, text.kv_heads * text.head_dim, text.hidden
@@ -227,7 +232,7 @@ def report(
     pruned = cfg is not None and cfg.skip_kv_cache
     context = counts.attention_length - (images * counts.skipped_per_image if pruned else 0)
     if drop:  # each layer caches what it saw; attention cost is linear in the context, so the mean is exact
-        visual = images * (counts.full_per_image + counts.skipped_per_image)
+        visual = counts.image_tokens
         context -= visual - sum(visual_per_layer(visual, drop, shape.text.layers)) / shape.text.layers
     decode = sum(decode_step_flops(shape, context + t) for t in range(new_tokens))
     vision = vision_flops(shape, images)

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .cache_rows import RowStateCacheMixin
+from .cache_rows import RowStateCacheMixin, compact_slots
+from .skip_kv import answer_start
 
 #: forward kwarg carrying the prefill's :class:`DropPlan` down the decoder stack
 DROP_PLAN_KWARG = "skip_vision_drop_plan"
@@ -96,14 +97,13 @@ class DropPlan:
 
     def input_tokens(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(index, valid)`` of the tokens layer ``layer_idx`` sees, or None before the first drop."""
-        return _latest(self.index, self.valid, layer_idx)
+        start = _latest_start(self.index, layer_idx)
+        return None if start is None else (self.index[start], self.valid[start])
 
 
-def _latest(index: dict, valid: dict, layer_idx: int):
-    starts = [start for start in index if start <= layer_idx]
-    if not starts:
-        return None
-    return index[max(starts)], valid[max(starts)]
+def _latest_start(starts: dict[int, Any], layer_idx: int) -> int | None:
+    """The last layer at or before ``layer_idx`` where a reduced token set starts (None: before the first drop)."""
+    return max((start for start in starts if start <= layer_idx), default=None)
 
 
 def query_indices(attention_mask: torch.Tensor | None, labels: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
@@ -117,10 +117,8 @@ def query_indices(attention_mask: torch.Tensor | None, labels: torch.Tensor | No
     else:
         last = torch.full((batch,), length - 1)
     if labels is not None:
-        positions = positions.to(labels.device)
-        supervised = labels != -100
-        first = torch.where(supervised, positions, length).amin(1) - 1
-        last = torch.where(supervised.any(1), first.to(last.device), last)
+        first = answer_start(labels).to(last.device)
+        last = torch.where(first < length, first - 1, last)  # samples without labels keep their last token
     return last.clamp_min(0)
 
 
@@ -209,12 +207,8 @@ def select_kept(plan: DropPlan, scores: torch.Tensor, index: torch.Tensor, valid
     stays = valid & (~visual | (rank < keep_counts[:, None]))
     if plan.padding is not None:
         stays = stays & ~plan.padding.gather(1, index)
-    counts = stays.sum(1)
-    width = int(counts.max())
     # kept tokens first, in sequence order; shorter samples fill the tail with invalid slots
-    slot_order = ((~stays).long() * index.shape[1] + torch.arange(index.shape[1], device=index.device)).argsort(1)
-    slots = slot_order[:, :width]
-    new_valid = torch.arange(width, device=index.device)[None, :] < counts[:, None]
+    slots, new_valid = compact_slots(stays)
     return index.gather(1, slots), new_valid, slots
 
 
@@ -265,6 +259,7 @@ class DropCacheState:
     prompt_length: int
     index: dict[int, torch.Tensor]
     valid: dict[int, torch.Tensor]
+    all_valid: dict[int, bool]  # computed once, so decode steps need no device sync (rows selected later keep it)
 
     @property
     def batch_size(self) -> int:
@@ -280,13 +275,13 @@ class DropCacheState:
     def decode_mask(self, layer_idx: int, mask: Any, query_length: int, cached: int) -> Any:
         """Layer ``layer_idx``'s mask for ``query_length`` new tokens over its own cache (``cached`` entries before
         them): the prompt columns it kept gathered, its invalid slots blocked."""
-        current = _latest(self.index, self.valid, layer_idx)
-        if current is None:
+        start = _latest_start(self.index, layer_idx)
+        if start is None:
             return mask
-        index, valid = current
+        index, valid = self.index[start], self.valid[start]
         batch, n = index.shape
         if mask is None:
-            if bool(valid.all()):
+            if self.all_valid[start]:
                 return None
             generated = cached - n + query_length
             cols = torch.arange(generated, device=valid.device)
@@ -336,7 +331,8 @@ def check_cache(cache: Any) -> None:
 
 def attach_state(cache: Cache, plan: DropPlan) -> None:
     """Record on ``cache`` which prompt columns each reduced layer holds (after the prefill under ``plan``)."""
-    state = DropCacheState(plan.visual.shape[1], dict(plan.index), dict(plan.valid))
+    all_valid = {start: bool(valid.all()) for start, valid in plan.valid.items()}
+    state = DropCacheState(plan.visual.shape[1], dict(plan.index), dict(plan.valid), all_valid)
     setattr(cache, STATE_ATTR, state)
     cache.__class__ = _drop_cache_class(type(cache))
 

@@ -29,7 +29,7 @@ from .layout import check_image_spans, image_token_counts, placeholder_runs, sca
 from .selection import selection_strategy, square_grid
 from .sequence import ImageSequence, ImageTokens, assemble, in_place_flags
 from .skip_ffn import FFN_ROWS_KWARG, enable_skip_ffn, ffn_rows
-from .skip_kv import cache_slots, generated_rows_mask, prune_skipped_kv, skip_kv_state
+from .skip_kv import answer_start, cache_slots, generated_rows_mask, prune_skipped_kv, skip_kv_state
 from .summary import SummaryScorer
 
 #: the 2-D padding mask ``generate`` passes along when it hands the forward a prepared 4-D mask (static caches)
@@ -610,11 +610,8 @@ class SkipVisionMixin:
                 attention_mask = generated_rows_mask(attention_mask, skipped, prompt_length, self.dtype)
             elif cfg is not None and cfg.train_mask == "answer_blind" and labels is not None and not prunes:
                 # answer tokens do not see S in training, as generated tokens do not after pruning
-                supervised = labels != -100
-                positions = torch.arange(labels.shape[1], device=labels.device)
-                first = torch.where(supervised, positions, labels.shape[1]).amin(1)
                 attention_mask = generated_rows_mask(
-                    attention_mask if padding is not None else None, skipped, first, self.dtype
+                    attention_mask if padding is not None else None, skipped, answer_start(labels), self.dtype
                 )
         elif self.training and self.summary_scorer is not None and inputs_embeds is not None:
             # text-only batch: touch the scorer so every DDP/ZeRO rank reduces the same parameters

@@ -19,7 +19,7 @@ from functools import cache as memoize
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
-from .cache_rows import RowStateCacheMixin
+from .cache_rows import RowStateCacheMixin, compact_slots
 
 STATE_ATTR = "skip_vision_state"
 
@@ -124,6 +124,12 @@ def cache_slots(cache: Cache, layer_idx: int = 0) -> int:
     return Cache.get_seq_length(cache, layer_idx)
 
 
+def answer_start(labels: torch.Tensor) -> torch.Tensor:
+    """``(batch,)``: each sample's first supervised position (``labels != -100``); the sequence length where none."""
+    positions = torch.arange(labels.shape[1], device=labels.device)
+    return torch.where(labels != -100, positions, labels.shape[1]).amin(1)
+
+
 def generated_rows_mask(
     attention_mask: torch.Tensor | None, skipped: torch.Tensor, first_generated: int | torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -157,13 +163,9 @@ def prune_skipped_kv(cache: Cache, skipped: torch.Tensor) -> SkipKVState:
     if skip_kv_state(cache) is not None:
         raise ValueError("this cache was already pruned by Skip KV-cache; prefill a new cache for new images")
     batch, length = skipped.shape
-    keep = ~skipped
-    counts = keep.sum(dim=1)
-    num_slots = int(counts.max())
     # kept columns first, in original order; the tail of shorter rows points at skipped columns (masked, zeroed)
-    order = (skipped.long() * length + torch.arange(length, device=skipped.device)).argsort(dim=1)
-    kept_index = order[:, :num_slots]
-    slot_valid = torch.arange(num_slots, device=skipped.device).unsqueeze(0) < counts.unsqueeze(1)
+    kept_index, slot_valid = compact_slots(~skipped)
+    num_slots = kept_index.shape[1]
     for layer_idx, layer in enumerate(cache.layers):
         if type(layer) not in (DynamicLayer, StaticLayer):
             raise NotImplementedError(

@@ -70,9 +70,14 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
 
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    tmp = out / f".{RUN_MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / RUN_MANIFEST)
+    write_json_atomically(out / RUN_MANIFEST, manifest)
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    """``data`` as JSON at ``path``, written to a hidden sibling first and renamed: on disk whole or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 def prepare_output_dir(cfg: TrainConfig) -> tuple[str | None, bool]:
