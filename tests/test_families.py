@@ -120,6 +120,7 @@ def test_skip_ffn_equals_gated_reference_fp64(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_mlp_runs_on_non_skipped_rows_only(name):
+    """The FFN runs on exactly the tokens that are neither skipped nor padding (the batch is left-padded)."""
     _, model = pair(name)
     inputs = _inputs(name, model, model.skip_vision_config)
     images = _image_inputs(inputs)
@@ -131,7 +132,9 @@ def test_mlp_runs_on_non_skipped_rows_only(name):
     model(**inputs)
     for h in hooks:
         h.remove()
-    assert rows == [inputs["input_ids"].numel() - int(skipped.sum())] * len(layers)
+    padding = inputs["attention_mask"] == 0
+    assert bool(padding.any()) and not bool((padding & skipped).any())
+    assert rows == [inputs["input_ids"].numel() - int(skipped.sum()) - int(padding.sum())] * len(layers)
     # the public mask from per-image visual token counts marks the same tokens
     cfg = model.skip_vision_config
     if cfg.in_place:

@@ -603,7 +603,8 @@ class SkipVisionMixin:
         if isinstance(attention_mask, torch.Tensor) and skipped is not None and attention_mask.shape == skipped.shape:
             padding = attention_mask == 0
         if has_skipped:
-            kwargs[FFN_ROWS_KWARG] = ffn_rows(skipped)
+            # padding rows skip the FFN too: no query reads them and no label scores them, so only wasted work goes
+            kwargs[FFN_ROWS_KWARG] = ffn_rows(skipped if padding is None else skipped | padding)
             prompt_length = self._skip_vision_prompt_length
             if prunes and prompt_length is not None and skipped.shape[1] > prompt_length:
                 # a prefill that carries drafted tokens (assisted decoding): they must not see S, as when decoded
