@@ -3,7 +3,10 @@
 For one preset and batch, builds vanilla and Skip-Vision copies of the same random model and reports, against
 vanilla: the wall-clock ratio (median of interleaved rounds), the sum of kernel (op) times under
 ``torch.profiler``, and the analytic FLOPs ratio of the exact batch, for prefill and for a training forward +
-backward. Usage::
+backward. Then the prefill by part (forward hooks, interleaved rounds): the vision tower, every decoder layer's
+attention block and FFN, and the rest (embedding, norms, LM head, selection, cache pruning), each part's time ratio
+next to its FLOPs ratio and its speed in GFLOP/s: a part that Skip-Vision does not shrink but that runs at a
+lower FLOP rate than the FFN keeps the total time ratio above the FLOPs ratio. Usage::
 
     python scripts/kernel_time_ratio.py --preset tiny-qwen2.5-vl --layout inplace --batch 4
 """
@@ -14,6 +17,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections import defaultdict
 
 import torch
 
@@ -80,6 +84,62 @@ def main() -> None:
             f"{phase:14} wall x {median['skip_vision'] / median['vanilla']:.3f}   "
             f"kernel time x {kernel['skip_vision'] / kernel['vanilla']:.3f}   "
             f"analytic FLOPs x {flops['skip_vision'] / flops['vanilla']:.3f}"
+        )
+    prefill_parts(variants, prefill, args.rounds)
+
+
+def prefill_parts(variants: dict, prefill, rounds: int) -> None:
+    """Median time of each prefill part per variant, against the part's analytic FLOPs."""
+    spent: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in variants}
+    for model, _, _ in variants.values():
+        clock: dict[str, float] = defaultdict(float)
+        starts: list[float] = []
+
+        def enter(*_, starts=starts) -> None:
+            starts.append(time.perf_counter())
+
+        def leave(*_, part: str, clock=clock, starts=starts) -> None:
+            clock[part] += time.perf_counter() - starts.pop()
+
+        modules = {"tower": [family_of(model).vision_tower(model)]}
+        layers = family_of(model).decoder_layers(model)
+        modules["attention block"] = [layer.self_attn for layer in layers]
+        modules["FFN"] = [layer.mlp for layer in layers]
+        for part, own in modules.items():
+            for module in own:
+                module.register_forward_pre_hook(enter)
+                module.register_forward_hook(lambda *a, part=part, leave=leave: leave(part=part))
+        model.skip_vision_part_clock = clock
+    for round_index in range(rounds + 1):
+        for name, (model, inputs, _) in variants.items():
+            model.skip_vision_part_clock.clear()
+            start = time.perf_counter()
+            prefill(model, inputs)
+            total = time.perf_counter() - start
+            if round_index:  # the first round warms up
+                parts = dict(model.skip_vision_part_clock)
+                parts["rest"] = total - sum(parts.values())
+                for part, seconds in parts.items():
+                    spent[name][part].append(seconds)
+    flops = {}
+    for name, (_, _, analytic) in variants.items():
+        lm = analytic["prefill_language_model_parts"]
+        flops[name] = {
+            "tower": analytic["prefill"] - analytic["prefill_language_model"],  # tower, projector, selection
+            "attention block": lm["projections"] + lm["attention"],
+            "FFN": lm["ffn"],
+            "rest": lm.get("lm_head", 0.0) + lm.get("drop_ranking", 0.0),
+        }
+    print("\nprefill by part (tower FLOPs include the projector and selection; rest: embedding, norms, LM head)")
+    print("| part | vanilla ms | skip_vision ms | time x | FLOPs x | vanilla GFLOP/s | skip_vision GFLOP/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for part in ("tower", "attention block", "FFN", "rest"):
+        ms = {name: 1e3 * statistics.median(spent[name][part]) for name in variants}
+        speed = {name: flops[name][part] / ms[name] / 1e6 if ms[name] > 0 else 0.0 for name in variants}
+        print(
+            f"| {part} | {ms['vanilla']:.1f} | {ms['skip_vision']:.1f} | {ms['skip_vision'] / ms['vanilla']:.3f} | "
+            f"{flops['skip_vision'][part] / flops['vanilla'][part]:.3f} | {speed['vanilla']:.0f} | "
+            f"{speed['skip_vision']:.0f} |"
         )
 
 

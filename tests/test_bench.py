@@ -31,8 +31,16 @@ def test_bench_rows_and_exact_cache_sizes():
         assert skip["train_flops_ratio"] < 1 and vanilla["prefill_seconds_ratio"] == 1
         for r in (vanilla, skip):  # a duration is positive, or None when too small to resolve, never 0
             assert r["train_step_seconds"] > 0
+            # the prefill splits into the tower (timed by hooks, removed afterwards) and the rest
+            assert 0 < r["prefill_tower_seconds"] < r["prefill_seconds"]
+            assert r["prefill_without_tower_seconds"] == pytest.approx(
+                r["prefill_seconds"] - r["prefill_tower_seconds"]
+            )
             assert r["decode_seconds_per_token"] is None or r["decode_seconds_per_token"] > 0
+        assert skip["prefill_language_model_flops_ratio"] < skip["prefill_flops_ratio"] < 1
     assert "skip_vision_no_kv" in format_table(rows)
+    tower = base.model.vision_tower
+    assert not tower._forward_hooks and not tower._forward_pre_hooks
 
 
 def test_bench_tiles_scale_for_anyres():

@@ -46,6 +46,10 @@ def test_forward_flops_match_flop_counter(name):
     # FFN FLOPs exactly: 6*d*m per token that runs the FFN, per layer
     mlp = sum(v for k, v in per_module.items() if ".language_model." in k and k.endswith(".mlp"))
     assert mlp == 2 * parts["ffn"]
+    # a real batch's prefill parts (the bench's per-part view) add up, the FFN exactly as measured
+    analytic = F.batch_flops(model, {"input_ids": ids, "pixel_values": pixels})
+    assert analytic["prefill_language_model_parts"]["ffn"] == mlp
+    assert sum(analytic["prefill_language_model_parts"].values()) == analytic["prefill_language_model"]
 
 
 def test_list_valued_feature_layers_are_counted():

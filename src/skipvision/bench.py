@@ -1,11 +1,13 @@
 """Side-by-side latency / memory benchmark: vanilla vs Skip-Vision without Skip KV-cache vs Skip-Vision.
 
 All three variants share the same weights and inputs (built by the family's own processor from synthetic images)
-and are measured in one run, with warm-up, repetitions and medians. Timed: prefill (time to first token, vision
-tower included), decode time per token, end-to-end ``generate`` of a fixed number of new tokens (EOS disabled),
-and a training step (forward + backward + AdamW). Also reported: KV-cache bytes after prefill, peak CUDA memory
-(on a GPU), analytic FLOPs of the exact batch and achieved FLOP/s. For anyres families (LLaVA-NeXT, OneVision)
-the image size sets the tile count, so the same run can show how cost grows with resolution.
+and are measured in one run, with warm-up, repetitions and medians; each round takes one sample of every variant,
+quantity by quantity, so compared samples are seconds apart. Timed: prefill (time to first token, vision tower
+included), decode time per token, end-to-end ``generate`` of a fixed number of new tokens (EOS disabled), and a
+training step (forward + backward + AdamW, fused as HF ``Trainer`` runs it). Also reported: KV-cache bytes after
+prefill, peak CUDA memory (on a GPU), analytic FLOPs of the exact batch and achieved FLOP/s. For anyres families
+(LLaVA-NeXT, OneVision) the image size sets the tile count, so the same run can show how cost grows with
+resolution.
 """
 
 from __future__ import annotations
@@ -58,22 +60,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_or_none(values: list[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return statistics.median(known) if known else None
-
-
-def median_seconds(fn: Callable[[], Any], settings: BenchSettings) -> float:
-    for _ in range(settings.warmup):
-        fn()
-    times = []
-    for _ in range(settings.repeats):
-        _sync(settings.device)
-        start = time.perf_counter()
-        fn()
-        _sync(settings.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _timed(fn: Callable[[], Any], device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def image_size_for_tiles(config: Any, tiles: int, default: int = 336) -> tuple[int, int]:
@@ -124,91 +116,162 @@ def kv_cache_bytes(cache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
-PHASES = ("inference", "train")
+#: a sampler: one timed sample of some quantities (seconds by name), its untimed setup excluded
+Sampler = Callable[[], dict[str, float]]
 
 
-def measure(
-    model: PreTrainedModel,
-    inputs: dict[str, torch.Tensor],
-    settings: BenchSettings,
-    phases: tuple[str, ...] = PHASES,
-) -> dict[str, Any]:
-    """Time ``phases`` of one model: "inference" (prefill, generate, decode step, KV bytes), "train" (a step)."""
+def trainer_optimizer(model: PreTrainedModel) -> torch.optim.Optimizer:
+    """The optimizer of a timed training step: AdamW as HF ``Trainer`` (so ``skipvision train``) runs it by default
+    with torch >= 2.8 (``adamw_torch_fused``); the foreach AdamW costs several times more per step on a CPU."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+
+
+class TowerClock:
+    """Time spent inside the model's vision tower during a forward (forward hooks on the family's tower module),
+    so a prefill splits into the tower, identical in every variant, and the rest, which Skip-Vision changes."""
+
+    def __init__(self, model: PreTrainedModel, device: str) -> None:
+        self.tower, self.device, self.seconds, self._starts = family_of(model).vision_tower(model), device, 0.0, []
+
+    def _enter(self, *_: Any) -> None:
+        _sync(self.device)
+        self._starts.append(time.perf_counter())
+
+    def _exit(self, *_: Any) -> None:
+        _sync(self.device)
+        self.seconds += time.perf_counter() - self._starts.pop()
+
+    def __enter__(self) -> TowerClock:
+        self._handles = [
+            self.tower.register_forward_pre_hook(self._enter),
+            self.tower.register_forward_hook(self._exit),
+        ]
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _inference_samplers(
+    model: PreTrainedModel, inputs: dict[str, torch.Tensor], settings: BenchSettings
+) -> list[Sampler]:
     prompt = {k: v for k, v in inputs.items() if k != "labels"}
     text_config = model.config.get_text_config()
+    n = settings.new_tokens
     gen_kwargs = dict(
         do_sample=False,
         pad_token_id=text_config.pad_token_id or 0,
         suppress_tokens=[family_of(model).image_token_id(model.config)],
+        max_new_tokens=n + 1,
+        min_new_tokens=n + 1,
     )
-    result: dict[str, Any] = {}
-    model.eval()
-    # the other variants' models stay on the device between interleaved rounds: not this model's memory
-    others = torch.cuda.memory_allocated() - model_bytes(model) if settings.device.startswith("cuda") else 0
-    with torch.no_grad():
-        if "inference" in phases:
-            result.update(_inference(model, prompt, settings, gen_kwargs, others))
-    if settings.train and "train" in phases:
-        model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    prefilled = model(**prompt, use_cache=True, logits_to_keep=1)
+    first = prefilled.logits[:, -1:].argmax(-1)
+
+    def prefill() -> dict[str, float]:
+        with TowerClock(model, settings.device) as tower:
+            seconds = _timed(lambda: model(**prompt, use_cache=True, logits_to_keep=1), settings.device)
+        return {"prefill_seconds": seconds, "prefill_tower_seconds": tower.seconds}
+
+    def generate() -> dict[str, float]:
+        return {"generate_seconds": _timed(lambda: model.generate(**prompt, **gen_kwargs), settings.device)}
+
+    def decode() -> dict[str, float]:
+        """``new_tokens`` greedy decode steps from a copy (untimed) of one prefilled cache, per step."""
+        cache = copy.deepcopy(prefilled.past_key_values)
+        mask, token = prompt["attention_mask"], first
+
+        def steps() -> None:
+            nonlocal mask, token
+            for _ in range(n):
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+
+        return {"decode_seconds_per_token": _timed(steps, settings.device) / n}
+
+    return [prefill, generate, decode]
+
+
+def _train_sampler(model: PreTrainedModel, inputs: dict[str, torch.Tensor], settings: BenchSettings) -> Sampler:
+    def sample() -> dict[str, float]:
+        """One optimizer step (forward, backward, AdamW) after an untimed one that allocates the optimizer state;
+        the optimizer lives for this sample only, so the variants never hold their states at once."""
+        optimizer = trainer_optimizer(model)
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
             model(**inputs, use_cache=False).loss.backward()
             optimizer.step()
 
-        if settings.device.startswith("cuda"):
+        step()
+        seconds = _timed(step, settings.device)
+        optimizer.zero_grad(set_to_none=True)
+        return {"train_step_seconds": seconds}
+
+    return sample
+
+
+def measure_interleaved(
+    built: dict[str, tuple[PreTrainedModel, dict[str, torch.Tensor]]], settings: BenchSettings
+) -> dict[str, dict[str, Any]]:
+    """Time several (model, inputs) side by side: KV-cache bytes after prefill, then each timed quantity in turn
+    (prefill with its tower time, generate, decode step, training step) in ``repeats`` rounds that take one sample
+    of every model, so the samples compared are seconds apart and a drift in the machine's speed hits all models
+    alike. Medians over the rounds (a duration too short for the clock gives None, never 0); on CUDA, the peak
+    memory of inference and of a training step, net of the other models on the device."""
+    cuda = settings.device.startswith("cuda")
+    results: dict[str, dict[str, Any]] = {name: {} for name in built}
+
+    def take(name: str, sampler: Sampler, memory_key: str) -> dict[str, float]:
+        model = built[name][0]
+        # the other models stay on the device between rounds: not this model's memory
+        others = torch.cuda.memory_allocated() - model_bytes(model) if cuda else 0
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
-        result["train_step_seconds"] = median_seconds(step, settings)
-        if settings.device.startswith("cuda"):
-            result["peak_train_memory_bytes"] = torch.cuda.max_memory_allocated() - others
-        del optimizer
-        model.eval()
-    return result
+        sample = sampler()
+        if cuda:
+            peak = torch.cuda.max_memory_allocated() - others
+            results[name][memory_key] = max(results[name].get(memory_key, 0), peak)
+        return sample
 
+    def rounds(samplers: dict[str, list[Sampler]], memory_key: str) -> None:
+        for index in range(len(next(iter(samplers.values())))):
+            for name, own in samplers.items():
+                for _ in range(settings.warmup):
+                    take(name, own[index], memory_key)
+            samples: dict[str, list[dict[str, float]]] = {name: [] for name in samplers}
+            for _ in range(settings.repeats):
+                for name, own in samplers.items():
+                    samples[name].append(take(name, own[index], memory_key))
+            for name, taken in samples.items():
+                for key in taken[0]:
+                    median = statistics.median(sample[key] for sample in taken)
+                    results[name][key] = median if median > 0 else None
 
-def _inference(model: PreTrainedModel, prompt: dict, settings: BenchSettings, gen_kwargs: dict, others: int) -> dict:
-    result: dict[str, Any] = {}
-    cache = model(**prompt, use_cache=True, logits_to_keep=1).past_key_values
-    result["kv_cache_bytes"] = kv_cache_bytes(cache)
-    del cache
-    if settings.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    result["prefill_seconds"] = median_seconds(lambda: model(**prompt, use_cache=True, logits_to_keep=1), settings)
-    n = settings.new_tokens
-    result["generate_seconds"] = median_seconds(
-        lambda: model.generate(**prompt, max_new_tokens=n + 1, min_new_tokens=n + 1, **gen_kwargs), settings
-    )
-    result["decode_seconds_per_token"] = decode_seconds_per_token(model, prompt, settings)
-    if settings.device.startswith("cuda"):
-        result["peak_inference_memory_bytes"] = torch.cuda.max_memory_allocated() - others
-    return result
-
-
-def decode_seconds_per_token(model: PreTrainedModel, prompt: dict[str, torch.Tensor], settings: BenchSettings):
-    """Median time of one greedy decode step (model forward with the cache), timed over ``new_tokens`` steps that
-    start from one prefilled cache (copied, untimed, for each repeat); None if too small to resolve."""
-    prefill = model(**prompt, use_cache=True, logits_to_keep=1)
-    first = prefill.logits[:, -1:].argmax(-1)
-
-    def steps(cache) -> None:
-        mask, token = prompt["attention_mask"], first
-        for _ in range(settings.new_tokens):
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-
-    times = []
-    for i in range(settings.warmup + settings.repeats):
-        cache = copy.deepcopy(prefill.past_key_values)
-        _sync(settings.device)
-        start = time.perf_counter()
-        steps(cache)
-        _sync(settings.device)
-        if i >= settings.warmup:
-            times.append(time.perf_counter() - start)
-    seconds = statistics.median(times) / settings.new_tokens
-    return seconds if seconds > 0 else None  # a clock that cannot resolve it gives None, never 0
+    with torch.no_grad():
+        for model, _ in built.values():
+            model.eval()
+        for name, (model, inputs) in built.items():
+            prompt = {k: v for k, v in inputs.items() if k != "labels"}
+            results[name]["kv_cache_bytes"] = kv_cache_bytes(
+                model(**prompt, use_cache=True, logits_to_keep=1).past_key_values
+            )
+        rounds(
+            {name: _inference_samplers(model, inputs, settings) for name, (model, inputs) in built.items()},
+            "peak_inference_memory_bytes",
+        )
+    if settings.train:
+        for model, _ in built.values():
+            model.train()
+        rounds(
+            {name: [_train_sampler(model, inputs, settings)] for name, (model, inputs) in built.items()},
+            "peak_train_memory_bytes",
+        )
+        for model, _ in built.values():
+            model.eval()
+    return results
 
 
 RATIO_KEYS = (
@@ -219,28 +282,9 @@ RATIO_KEYS = (
     "kv_cache_bytes",
     "prefill_flops",
     "train_flops",
+    "prefill_without_tower_seconds",
+    "prefill_language_model_flops",
 )
-
-
-def measure_interleaved(
-    built: dict[str, tuple[PreTrainedModel, dict[str, torch.Tensor]]], settings: BenchSettings
-) -> dict[str, dict[str, Any]]:
-    """:func:`measure` for several (model, inputs) at once, in interleaved rounds: phase by phase (all inference
-    rounds, then all training rounds), each round times every model once after its warm-up, so a drift in the
-    machine's speed hits all of them alike instead of whichever ran last. Times are medians over the rounds."""
-    one = replace(settings, repeats=1)
-    results: dict[str, dict[str, Any]] = {name: {} for name in built}
-    for phase in PHASES:
-        samples: dict[str, list[dict[str, Any]]] = {name: [] for name in built}
-        for _ in range(settings.repeats):
-            for name, (model, inputs) in built.items():
-                samples[name].append(measure(model, inputs, one, (phase,)))
-        for name, row in results.items():
-            for key, first in samples[name][0].items():
-                values = [sample[key] for sample in samples[name]]
-                timed = key.endswith("seconds") or key.endswith("per_token")
-                row[key] = median_or_none(values) if timed else first
-    return results
 
 
 def run(
@@ -281,10 +325,15 @@ def run(
                         "attention": model.config.get_text_config()._attn_implementation,
                         "sequence_length": int(inputs["input_ids"].shape[1]),
                         "prefill_flops": analytic["prefill"],
+                        "prefill_language_model_flops": analytic["prefill_language_model"],
                         "train_flops": analytic["train"],
                     }
                 for name, timing in measure_interleaved(built, settings).items():
                     measured[name].update(timing)
+                    # the part of the prefill that Skip-Vision changes: all but the tower, which every variant runs
+                    # alike (time including the embedding, selection and cache pruning; FLOPs of the language model)
+                    tower = timing.get("prefill_tower_seconds") or 0.0
+                    measured[name]["prefill_without_tower_seconds"] = timing["prefill_seconds"] - tower
                 del built
                 if settings.device.startswith("cuda"):
                     torch.cuda.empty_cache()
@@ -311,6 +360,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "prefill ms",
         "x",
         "prefill flops x",
+        "tower ms",
+        "rest x",
+        "LM flops x",
         "decode ms/tok",
         "x",
         "generate ms",
@@ -337,6 +389,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                     ms(r["prefill_seconds"]),
                     rx(r.get("prefill_seconds_ratio")),
                     rx(r.get("prefill_flops_ratio")),
+                    ms(r.get("prefill_tower_seconds")),
+                    rx(r.get("prefill_without_tower_seconds_ratio")),
+                    rx(r.get("prefill_language_model_flops_ratio")),
                     ms(r["decode_seconds_per_token"]),
                     rx(r.get("decode_seconds_per_token_ratio")),
                     ms(r["generate_seconds"]),

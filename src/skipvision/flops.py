@@ -464,12 +464,13 @@ def measured_flops(fn) -> tuple[int, dict[str, int]]:
     return counter.get_total_flops(), per_module
 
 
-def batch_flops(model: Any, inputs: dict[str, Any], train_tower: bool = False) -> dict[str, float]:
+def batch_flops(model: Any, inputs: dict[str, Any], train_tower: bool = False) -> dict[str, Any]:
     """Analytic FLOPs of one real batch on a Skip-Vision model (any family), from the actual token counts.
 
     Per sample, the attention length is its non-pad tokens and the FFN length excludes its skipped tokens, as the
     model's own ``embed_multimodal`` marks them; the tower runs once per pass (anyres: base + tiles). Returns
-    ``prefill`` (language model with one logit, tower and projector forward, Skip-Vision overhead) and ``train``
+    ``prefill`` (language model with one logit, tower and projector forward, Skip-Vision overhead; the language
+    model's share and its parts, as :func:`language_flops` names them, apart) and ``train``
     (3x the language model with every logit, 3x projector and summary scorer, tower forward only unless
     ``train_tower``).
     """
@@ -491,6 +492,7 @@ def batch_flops(model: Any, inputs: dict[str, Any], train_tower: bool = False) -
         else:
             skipped = torch.zeros_like(ids, dtype=torch.bool)
     prefill_lm, train_lm = 0, 0
+    prefill_parts: dict[str, int] = {}
     visual = model.image_placeholder_mask(ids) & mask.bool() if cfg.llm_drop else torch.zeros_like(skipped)
     for b in range(ids.shape[0]):
         n_attn = int(mask[b].sum())
@@ -501,7 +503,10 @@ def batch_flops(model: Any, inputs: dict[str, Any], train_tower: bool = False) -
         else:
             counts = SequenceCounts(n_attn - n_skip, 1, 0, n_skip)
         options = {"skip_layers": cfg.skip_layers, "llm_drop": cfg.llm_drop}
-        prefill_lm += sum(language_flops(shape, counts, logits=1, **options).values())
+        parts = language_flops(shape, counts, logits=1, **options)
+        prefill_lm += sum(parts.values())
+        for key, value in parts.items():
+            prefill_parts[key] = prefill_parts.get(key, 0) + value
         train_lm += 3 * sum(language_flops(shape, counts, logits=n_attn, **options).values())
     passes = family.tower_passes(model.config, images, image_inputs)
     tower, projector = family.tower_flops(model.config, images, image_inputs) if images else (0, 0)
@@ -516,6 +521,7 @@ def batch_flops(model: Any, inputs: dict[str, Any], train_tower: bool = False) -
     return {
         "prefill": float(prefill_lm + tower + projector + overhead),
         "prefill_language_model": float(prefill_lm),
+        "prefill_language_model_parts": {key: float(value) for key, value in prefill_parts.items()},
         "train": float(train_lm + (3 if train_tower else 1) * tower + 3 * projector + 3 * overhead),
         "tower": float(tower),
         "tower_passes": passes,
