@@ -58,7 +58,8 @@ class SkipFFNLayerMixin:
         hidden_states = residual + attn_out
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         update = self.mlp(self.post_attention_layernorm(flat.index_select(0, ffn_rows)))
-        return flat.index_add(0, ffn_rows, update).view_as(hidden_states)
+        # in place: the sum above is this layer's own tensor and no backward reads it (autograd would refuse)
+        return flat.index_add_(0, ffn_rows, update).view_as(hidden_states)
 
 
 @cache

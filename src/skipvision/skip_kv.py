@@ -166,6 +166,9 @@ def prune_skipped_kv(cache: Cache, skipped: torch.Tensor) -> SkipKVState:
     # kept columns first, in original order; the tail of shorter rows points at skipped columns (masked, zeroed)
     kept_index, slot_valid = compact_slots(~skipped)
     num_slots = kept_index.shape[1]
+    # rows with fewer kept entries than the widest: their tail slots point at skipped columns, which may hold NaN/inf
+    # and must not leak into the masked slots, so they are zeroed (only those slots are touched)
+    short_rows = [(row, count) for row, count in enumerate(slot_valid.sum(dim=1).tolist()) if count < num_slots]
     for layer_idx, layer in enumerate(cache.layers):
         if type(layer) not in (DynamicLayer, StaticLayer):
             raise NotImplementedError(
@@ -184,8 +187,9 @@ def prune_skipped_kv(cache: Cache, skipped: torch.Tensor) -> SkipKVState:
             stored = getattr(layer, name)
             heads, dim = stored.shape[1], stored.shape[-1]
             index = kept_index[:, None, :, None].expand(batch, heads, num_slots, dim)
-            # torch.where, not a multiply: a skipped entry may hold NaN/inf and must not leak into invalid slots
-            kept = torch.where(slot_valid[:, None, :, None], stored[:, :, :length].gather(2, index), 0)
+            kept = stored[:, :, :length].gather(2, index)
+            for row, count in short_rows:
+                kept[row, :, count:] = 0
             if isinstance(layer, StaticLayer):  # compact in place: a static cache keeps its tensors' addresses
                 stored[:, :, :num_slots].copy_(kept)
                 stored[:, :, num_slots:length].zero_()
