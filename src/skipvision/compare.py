@@ -32,7 +32,7 @@ from .data import LlavaCollator, LlavaJsonDataset, first_batch, make_dataset
 from .evaluate import evaluate
 from .peers import fastv, pyramid_drop, token_drop, tome, visionzip
 from .presets import get_preset, init_model
-from .train import TrainConfig, _read_manifest, load_for_training, save_atomically, train, write_json_atomically
+from .train import TrainConfig, load_for_training, read_manifest, save_atomically, train, write_json_atomically
 
 METHODS = ("skip_vision", "fastv", "pyramid_drop", "visionzip", "tome", "drop_random", "drop_position")
 REGIMES = ("training-free", "fine-tuned")
@@ -215,7 +215,7 @@ class Harness:
     def train(self, name: str, cfg: SkipVisionConfig | None, steps: int) -> dict[str, Any]:
         """Train (or, when this run already finished, read back) ``runs/<name>``; an unfinished one restarts."""
         folder = self.out / "runs" / name
-        finished = bool((_read_manifest(folder) or {}).get("finished"))
+        finished = bool((read_manifest(folder) or {}).get("finished"))
         return train(
             TrainConfig(
                 model=str(self.base),

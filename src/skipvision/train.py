@@ -64,7 +64,8 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _read_manifest(out: Path) -> dict[str, Any] | None:
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    """The run manifest of the output folder ``out`` (checkpoints written, finished or not), or None."""
     path = out / RUN_MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -87,7 +88,7 @@ def prepare_output_dir(cfg: TrainConfig) -> tuple[str | None, bool]:
     another run's folder, is refused unless ``overwrite``; ``resume`` only considers this run's checkpoints.
     """
     out = Path(cfg.output_dir)
-    manifest = _read_manifest(out)
+    manifest = read_manifest(out)
     occupied = out.is_dir() and any(out.iterdir())
     if cfg.resume:
         if manifest is None:
@@ -204,7 +205,7 @@ class SkipVisionTrainer(Trainer):
                 shutil.rmtree(target)
             os.replace(os.path.join(final_root, ".staging", name), target)
             os.rmdir(os.path.join(final_root, ".staging"))
-            manifest = _read_manifest(Path(final_root)) or {"checkpoints": []}
+            manifest = read_manifest(Path(final_root)) or {"checkpoints": []}
             manifest["checkpoints"] = sorted(set(manifest["checkpoints"]) | {name})
             _write_manifest(Path(final_root), manifest)
             rotate_checkpoints(final_root, self.args.save_total_limit, self.state.best_model_checkpoint)
@@ -422,6 +423,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     }
     if args.should_save:
         (Path(cfg.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=1))
-        manifest = _read_manifest(Path(cfg.output_dir)) or {}
+        manifest = read_manifest(Path(cfg.output_dir)) or {}
         _write_manifest(Path(cfg.output_dir), {**manifest, "finished": True, "steps": trainer.state.global_step})
     return summary
