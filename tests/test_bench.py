@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from families import FAMILIES, processor, vanilla_model
 
-from skipvision.bench import BenchSettings, format_table, run, scaling_summary
+from skipvision.bench import BenchSettings, format_table, round_ratio_quartiles, run, scaling_summary
 
 SETTINGS = dict(new_tokens=2, warmup=0, repeats=1, device="cpu")
 
@@ -38,9 +38,20 @@ def test_bench_rows_and_exact_cache_sizes():
             )
             assert r["decode_seconds_per_token"] is None or r["decode_seconds_per_token"] > 0
         assert skip["prefill_language_model_flops_ratio"] < skip["prefill_flops_ratio"] < 1
+        assert len(skip["rounds"]["prefill_seconds"]) == 1  # one sample per round (repeats=1): no quartiles
+        assert "prefill_seconds_ratio_quartiles" not in skip
     assert "skip_vision_no_kv" in format_table(rows)
     tower = base.model.vision_tower
     assert not tower._forward_hooks and not tower._forward_pre_hooks
+
+
+def test_round_ratio_quartiles_pair_each_round_with_vanillas():
+    # each round's ratio is taken against vanilla's sample of the same round: a drift shared by both cancels
+    vanilla = [1.0, 2.0, 4.0, 8.0, 16.0]
+    assert round_ratio_quartiles([0.5 * v for v in vanilla], vanilla) == pytest.approx([0.5, 0.5])
+    assert round_ratio_quartiles([0.5, 1.0, 2.0], [1.0, 2.0, 4.0]) is None  # too few rounds
+    first, third = round_ratio_quartiles([1.0, 1.0, 1.0, 1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 8)
+    assert first <= 1.0 < third <= 5.0
 
 
 def test_bench_tiles_scale_for_anyres():

@@ -247,8 +247,10 @@ def measure_interleaved(
                     samples[name].append(take(name, own[index], memory_key))
             for name, taken in samples.items():
                 for key in taken[0]:
-                    median = statistics.median(sample[key] for sample in taken)
+                    values = [sample[key] for sample in taken]
+                    median = statistics.median(values)
                     results[name][key] = median if median > 0 else None
+                    results[name].setdefault("rounds", {})[key] = values
 
     with torch.no_grad():
         for model, _ in built.values():
@@ -342,11 +344,28 @@ def run(
                     for key in RATIO_KEYS:
                         if row.get(key) is not None and vanilla.get(key):
                             row[f"{key}_ratio"] = row[key] / vanilla[key]
+                    for key in ("prefill_seconds", "train_step_seconds"):
+                        rounds, vanilla_rounds = row.get("rounds", {}), vanilla.get("rounds", {})
+                        spread = round_ratio_quartiles(rounds.get(key), vanilla_rounds.get(key))
+                        if spread is not None:
+                            row[f"{key}_ratio_quartiles"] = spread
                     if row.get("train_step_seconds"):
                         row["train_tflops_per_second"] = row["train_flops"] / row["train_step_seconds"] / 1e12
                     row["prefill_tflops_per_second"] = row["prefill_flops"] / row["prefill_seconds"] / 1e12
                     rows.append(row)
     return rows
+
+
+def round_ratio_quartiles(samples: list[float] | None, vanilla: list[float] | None) -> list[float] | None:
+    """First and third quartiles of the per-round ratios (each round's sample over vanilla's of the same round, taken
+    seconds apart): how far one run's ratio moves with the machine's noise. None below 4 rounds."""
+    if not samples or not vanilla or len(samples) != len(vanilla) or len(samples) < 4:
+        return None
+    ratios = [a / b for a, b in zip(samples, vanilla, strict=True) if b > 0]
+    if len(ratios) < 4:
+        return None
+    first, _, third = statistics.quantiles(ratios, n=4)
+    return [first, third]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -358,7 +377,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "variant",
         "seq",
         "prefill ms",
-        "x",
+        "x (q1-q3)",
         "prefill flops x",
         "tower ms",
         "rest x",
@@ -368,7 +387,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "generate ms",
         "x",
         "train ms",
-        "x",
+        "x (q1-q3)",
         "train flops x",
         "KV MiB",
         "x",
@@ -377,6 +396,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     ms = lambda v: f"{1e3 * v:.1f}" if v is not None else "-"  # noqa: E731
     rx = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+    # the per-round ratios' quartiles, for variants other than vanilla (whose per-round ratio is 1)
+    spread = lambda q: f" ({q[0]:.2f}-{q[1]:.2f})" if q and q != [1.0, 1.0] else ""  # noqa: E731
     for r in rows:
         lines.append(
             " | ".join(
@@ -387,7 +408,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                     r["variant"],
                     str(r["sequence_length"]),
                     ms(r["prefill_seconds"]),
-                    rx(r.get("prefill_seconds_ratio")),
+                    rx(r.get("prefill_seconds_ratio")) + spread(r.get("prefill_seconds_ratio_quartiles")),
                     rx(r.get("prefill_flops_ratio")),
                     ms(r.get("prefill_tower_seconds")),
                     rx(r.get("prefill_without_tower_seconds_ratio")),
@@ -397,7 +418,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                     ms(r["generate_seconds"]),
                     rx(r.get("generate_seconds_ratio")),
                     ms(r.get("train_step_seconds")),
-                    rx(r.get("train_step_seconds_ratio")),
+                    rx(r.get("train_step_seconds_ratio")) + spread(r.get("train_step_seconds_ratio_quartiles")),
                     rx(r.get("train_flops_ratio")),
                     f"{r['kv_cache_bytes'] / 2**20:.2f}",
                     rx(r.get("kv_cache_bytes_ratio")),
