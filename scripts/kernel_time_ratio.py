@@ -23,7 +23,7 @@ import torch
 
 from skipvision import configure_processor, convert, family_of, vanilla_config
 from skipvision import flops as F
-from skipvision.bench import make_inputs
+from skipvision.bench import ModuleClock, make_inputs
 from skipvision.config import in_place_config
 from skipvision.presets import build_model, build_processor, build_tokenizer, get_preset, tokenizer_corpus
 
@@ -91,34 +91,20 @@ def main() -> None:
 def prefill_parts(variants: dict, prefill, rounds: int) -> None:
     """Median time of each prefill part per variant, against the part's analytic FLOPs."""
     spent: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in variants}
-    for model, _, _ in variants.values():
-        clock: dict[str, float] = defaultdict(float)
-        starts: list[float] = []
-
-        def enter(*_, starts=starts) -> None:
-            starts.append(time.perf_counter())
-
-        def leave(*_, part: str, clock=clock, starts=starts) -> None:
-            clock[part] += time.perf_counter() - starts.pop()
-
-        modules = {"tower": [family_of(model).vision_tower(model)]}
-        layers = family_of(model).decoder_layers(model)
-        modules["attention block"] = [layer.self_attn for layer in layers]
-        modules["FFN"] = [layer.mlp for layer in layers]
-        for part, own in modules.items():
-            for module in own:
-                module.register_forward_pre_hook(enter)
-                module.register_forward_hook(lambda *a, part=part, leave=leave: leave(part=part))
-        model.skip_vision_part_clock = clock
     for round_index in range(rounds + 1):
         for name, (model, inputs, _) in variants.items():
-            model.skip_vision_part_clock.clear()
-            start = time.perf_counter()
-            prefill(model, inputs)
-            total = time.perf_counter() - start
+            layers = family_of(model).decoder_layers(model)
+            modules = {
+                "tower": [family_of(model).vision_tower(model)],
+                "attention block": [layer.self_attn for layer in layers],
+                "FFN": [layer.mlp for layer in layers],
+            }
+            with ModuleClock(modules, "cpu") as clock:
+                start = time.perf_counter()
+                prefill(model, inputs)
+                total = time.perf_counter() - start
             if round_index:  # the first round warms up
-                parts = dict(model.skip_vision_part_clock)
-                parts["rest"] = total - sum(parts.values())
+                parts = {**clock.seconds, "rest": total - sum(clock.seconds.values())}
                 for part, seconds in parts.items():
                     spent[name][part].append(seconds)
     flops = {}

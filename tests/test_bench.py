@@ -57,8 +57,12 @@ def test_round_ratio_quartiles_pair_each_round_with_vanillas():
 def test_bench_tiles_scale_for_anyres():
     cfg = FAMILIES["llava-next"][1]
     base = vanilla_model("llava-next")
-    settings = BenchSettings(batch_sizes=(1,), tiles=(1, 4), train=False, **SETTINGS)
+    settings = BenchSettings(batch_sizes=(1,), tiles=(1, 4), train=False, **{**SETTINGS, "repeats": 4})
     rows = run(base, processor("llava-next", None), cfg, settings)
+    for r in rows:  # four rounds give each Skip-Vision row its per-round quartiles; vanilla's ratio is 1 by definition
+        quartiles = r.get("prefill_seconds_ratio_quartiles")
+        assert (quartiles is None) == (r["variant"] == "vanilla")
+        assert quartiles is None or 0 < quartiles[0] <= quartiles[1]
     by = {(r["variant"], r["tiles"]): r for r in rows}
     base_tokens = 16
     # vanilla: base + tiles + one newline per grid row; Skip-Vision: N_r + merged N_s + 2 whatever the tiles

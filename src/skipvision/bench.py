@@ -126,26 +126,30 @@ def trainer_optimizer(model: PreTrainedModel) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
 
 
-class TowerClock:
-    """Time spent inside the model's vision tower during a forward (forward hooks on the family's tower module),
-    so a prefill splits into the tower, identical in every variant, and the rest, which Skip-Vision changes."""
+class ModuleClock:
+    """Time spent inside groups of modules during the forwards run under it (forward hooks, removed on exit):
+    ``seconds[part]`` sums the calls of every module of that part. The bench splits a prefill into the vision tower,
+    identical in every variant, and the rest, which Skip-Vision changes."""
 
-    def __init__(self, model: PreTrainedModel, device: str) -> None:
-        self.tower, self.device, self.seconds, self._starts = family_of(model).vision_tower(model), device, 0.0, []
+    def __init__(self, parts: dict[str, list[torch.nn.Module]], device: str) -> None:
+        self.parts, self.device = parts, device
+        self.seconds = dict.fromkeys(parts, 0.0)
+        self._starts: dict[str, list[float]] = {part: [] for part in parts}
 
-    def _enter(self, *_: Any) -> None:
+    def _enter(self, part: str) -> None:
         _sync(self.device)
-        self._starts.append(time.perf_counter())
+        self._starts[part].append(time.perf_counter())
 
-    def _exit(self, *_: Any) -> None:
+    def _exit(self, part: str) -> None:
         _sync(self.device)
-        self.seconds += time.perf_counter() - self._starts.pop()
+        self.seconds[part] += time.perf_counter() - self._starts[part].pop()
 
-    def __enter__(self) -> TowerClock:
-        self._handles = [
-            self.tower.register_forward_pre_hook(self._enter),
-            self.tower.register_forward_hook(self._exit),
-        ]
+    def __enter__(self) -> ModuleClock:
+        self._handles = []
+        for part, modules in self.parts.items():
+            for module in modules:
+                self._handles.append(module.register_forward_pre_hook(lambda *_, part=part: self._enter(part)))
+                self._handles.append(module.register_forward_hook(lambda *_, part=part: self._exit(part)))
         return self
 
     def __exit__(self, *_: Any) -> None:
@@ -154,9 +158,10 @@ class TowerClock:
 
 
 def _inference_samplers(
-    model: PreTrainedModel, inputs: dict[str, torch.Tensor], settings: BenchSettings
+    model: PreTrainedModel, prompt: dict[str, torch.Tensor], prefilled: Any, settings: BenchSettings
 ) -> list[Sampler]:
-    prompt = {k: v for k, v in inputs.items() if k != "labels"}
+    """Samplers of prefill, generate and decode steps; ``prefilled`` is one untimed prefill, whose cache seeds the
+    decode steps."""
     text_config = model.config.get_text_config()
     n = settings.new_tokens
     gen_kwargs = dict(
@@ -166,13 +171,13 @@ def _inference_samplers(
         max_new_tokens=n + 1,
         min_new_tokens=n + 1,
     )
-    prefilled = model(**prompt, use_cache=True, logits_to_keep=1)
     first = prefilled.logits[:, -1:].argmax(-1)
+    tower = {"tower": [family_of(model).vision_tower(model)]}
 
     def prefill() -> dict[str, float]:
-        with TowerClock(model, settings.device) as tower:
+        with ModuleClock(tower, settings.device) as clock:
             seconds = _timed(lambda: model(**prompt, use_cache=True, logits_to_keep=1), settings.device)
-        return {"prefill_seconds": seconds, "prefill_tower_seconds": tower.seconds}
+        return {"prefill_seconds": seconds, "prefill_tower_seconds": clock.seconds["tower"]}
 
     def generate() -> dict[str, float]:
         return {"generate_seconds": _timed(lambda: model.generate(**prompt, **gen_kwargs), settings.device)}
@@ -253,17 +258,14 @@ def measure_interleaved(
                     results[name].setdefault("rounds", {})[key] = values
 
     with torch.no_grad():
-        for model, _ in built.values():
-            model.eval()
+        samplers = {}
         for name, (model, inputs) in built.items():
+            model.eval()
             prompt = {k: v for k, v in inputs.items() if k != "labels"}
-            results[name]["kv_cache_bytes"] = kv_cache_bytes(
-                model(**prompt, use_cache=True, logits_to_keep=1).past_key_values
-            )
-        rounds(
-            {name: _inference_samplers(model, inputs, settings) for name, (model, inputs) in built.items()},
-            "peak_inference_memory_bytes",
-        )
+            prefilled = model(**prompt, use_cache=True, logits_to_keep=1)
+            results[name]["kv_cache_bytes"] = kv_cache_bytes(prefilled.past_key_values)
+            samplers[name] = _inference_samplers(model, prompt, prefilled, settings)
+        rounds(samplers, "peak_inference_memory_bytes")
     if settings.train:
         for model, _ in built.values():
             model.train()
@@ -347,7 +349,7 @@ def run(
                     for key in ("prefill_seconds", "train_step_seconds"):
                         rounds, vanilla_rounds = row.get("rounds", {}), vanilla.get("rounds", {})
                         spread = round_ratio_quartiles(rounds.get(key), vanilla_rounds.get(key))
-                        if spread is not None:
+                        if spread is not None and row is not vanilla:
                             row[f"{key}_ratio_quartiles"] = spread
                     if row.get("train_step_seconds"):
                         row["train_tflops_per_second"] = row["train_flops"] / row["train_step_seconds"] / 1e12
@@ -396,8 +398,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     ms = lambda v: f"{1e3 * v:.1f}" if v is not None else "-"  # noqa: E731
     rx = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
-    # the per-round ratios' quartiles, for variants other than vanilla (whose per-round ratio is 1)
-    spread = lambda q: f" ({q[0]:.2f}-{q[1]:.2f})" if q and q != [1.0, 1.0] else ""  # noqa: E731
+    spread = lambda q: f" ({q[0]:.2f}-{q[1]:.2f})" if q else ""  # noqa: E731
     for r in rows:
         lines.append(
             " | ".join(
