@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 from families import FAMILIES, processor, vanilla_model
 
-from skipvision.bench import BenchSettings, format_table, round_ratio_quartiles, run, scaling_summary
+from skipvision.bench import (
+    BenchSettings,
+    format_table,
+    round_ratio_quartiles,
+    run,
+    scaling_summary,
+    trainer_optimizer,
+)
 
 SETTINGS = dict(new_tokens=2, warmup=0, repeats=1, device="cpu")
 
@@ -43,6 +50,12 @@ def test_bench_rows_and_exact_cache_sizes():
     assert "skip_vision_no_kv" in format_table(rows)
     tower = base.model.vision_tower
     assert not tower._forward_hooks and not tower._forward_pre_hooks
+    # the timed step's optimizer is HF Trainer's default (adamw_torch_fused), over the trainable parameters only
+    tower.requires_grad_(False)
+    optimizer = trainer_optimizer(base)
+    assert optimizer.defaults["fused"] is True
+    trainable = {id(p) for p in base.parameters() if p.requires_grad}
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == trainable
 
 
 def test_round_ratio_quartiles_pair_each_round_with_vanillas():
