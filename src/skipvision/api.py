@@ -47,7 +47,14 @@ def from_pretrained(
 
     ``skip_vision`` sets or overrides the settings; without it the checkpoint's own ``skip_vision`` is used, and
     ``vanilla=True`` loads a checkpoint without settings as the exactly-vanilla configuration.
+
+    Every weight of the model must come from the checkpoint except Skip-Vision's own new ones (the summary scorer,
+    absent from vanilla checkpoints): a missing, unexpected or mis-shaped weight raises ``ValueError`` naming it, so
+    a checkpoint whose keys do not match never loads with a random language model. ``output_loading_info=True``
+    returns HF's report instead of checking it.
     """
+    if vanilla and skip_vision is not None:
+        raise ValueError("pass either skip_vision=... or vanilla=True, not both (vanilla=True means no settings)")
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path)
     if skip_vision is None and getattr(config, "skip_vision", None) is None:
         if not vanilla:
@@ -57,7 +64,29 @@ def from_pretrained(
             )
         skip_vision = vanilla_config()
     family = family_for(config)
-    return family.skip_class.from_pretrained(path, skip_vision=skip_vision, config=config, **kwargs)
+    if kwargs.get("output_loading_info"):
+        return family.skip_class.from_pretrained(path, skip_vision=skip_vision, config=config, **kwargs)
+    model, info = family.skip_class.from_pretrained(
+        path, skip_vision=skip_vision, config=config, output_loading_info=True, **kwargs
+    )
+    check_loading_info(info, path)
+    return model
+
+
+def check_loading_info(info: dict[str, Any], path: str | os.PathLike) -> None:
+    """Raise ``ValueError`` naming the weights HF's loading report (``output_loading_info``) lists as missing,
+    unexpected or mismatched; the summary scorer is filtered out of that report by the Skip-Vision classes."""
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(key) for key in info.get(kind) or ())
+        if keys:
+            shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+            problems.append(f"{len(keys)} {kind.replace('_', ' ')} ({shown})")
+    if problems:
+        raise ValueError(
+            f"the checkpoint at {path} does not match the model's weights: {'; '.join(problems)}. The checkpoint may "
+            "be of another model type or layout, or incomplete; loading it would leave those weights random"
+        )
 
 
 def load_for_inference(

@@ -32,6 +32,9 @@ from .skip_ffn import FFN_ROWS_KWARG, enable_skip_ffn, ffn_rows
 from .skip_kv import answer_start, cache_slots, generated_rows_mask, prune_skipped_kv, skip_kv_state
 from .summary import SummaryScorer
 
+#: the weights Skip-Vision adds to an HF model (regex over state-dict keys): the only ones a vanilla checkpoint lacks
+SKIP_VISION_WEIGHTS = r"^summary_scorer\."
+
 #: the 2-D padding mask ``generate`` passes along when it hands the forward a prepared 4-D mask (static caches)
 PADDING_MASK_KWARG = "skip_vision_padding_mask"
 
@@ -233,8 +236,12 @@ class SkipVisionMixin:
         super().__init_subclass__(**kwargs)
         family = cls.__dict__.get("skip_vision_family")
         if family is not None:
-            _register_checkpoint_key_mapping(cls.__name__, family.model_type)
+            _register_checkpoint_key_mapping(cls.__name__, family.hf_class, family.model_type)
             cls.forward = _forward_with_signature_of(family.hf_class)
+            # the summary scorer is Skip-Vision's own new weight: absent from every vanilla checkpoint by design, so
+            # HF's load report does not list it as missing (it gets the paper's init in _init_weights)
+            ignored = set(getattr(family.hf_class, "_keys_to_ignore_on_load_missing", None) or ())
+            cls._keys_to_ignore_on_load_missing = sorted(ignored | {SKIP_VISION_WEIGHTS})
 
     # --- configuration: config.skip_vision (what config.json stores) is the one source of truth ------------------
     @property
@@ -735,13 +742,17 @@ def _forward_with_signature_of(hf_class: type) -> Any:
     return forward
 
 
-def _register_checkpoint_key_mapping(class_name: str, model_type: str) -> None:
-    # transformers renames legacy checkpoint keys (``language_model.lm_head`` -> ``lm_head`` ...) by class name or
-    # model_type, but skips classes defined outside transformers; without this, loading a llava-hf checkpoint
-    # would silently leave lm_head randomly initialised.
+def _register_checkpoint_key_mapping(class_name: str, hf_class: type, model_type: str) -> None:
+    # transformers renames hub-layout checkpoint keys (llava-hf's ``language_model.lm_head`` -> ``lm_head``, Qwen-VL's
+    # ``model.layers`` -> ``model.language_model.layers`` ...) by class name first, then by model_type, but skips
+    # classes defined outside transformers; without this, loading such a checkpoint would silently leave those
+    # weights randomly initialised. The HF class's own entry wins, as it does for the HF class (Qwen2.5-VL's mapping
+    # is registered under its class name only).
     from transformers import conversion_mapping
 
-    mapping = conversion_mapping.get_checkpoint_conversion_mapping(model_type)
+    mapping = conversion_mapping.get_checkpoint_conversion_mapping(hf_class.__name__)
+    if mapping is None:
+        mapping = conversion_mapping.get_checkpoint_conversion_mapping(model_type)
     if mapping is not None:
         conversion_mapping.register_checkpoint_conversion_mapping(class_name, mapping, overwrite=True)
 
