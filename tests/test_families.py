@@ -119,6 +119,27 @@ def test_skip_ffn_equals_gated_reference_fp64(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_bf16_autocast_training_step_equals_gated_reference(name):
+    # bf16 mixed precision (HF Trainer's --bf16): fp32 weights and residual stream, bf16 matmuls. The FFN's bf16
+    # output is added back into the fp32 stream, as HF's own ``residual + mlp`` promotes it.
+    _, model = pair(name)
+    model.train()
+    inputs = _inputs(name, model, model.skip_vision_config)
+    mask = inputs["attention_mask"]
+    labels = inputs["input_ids"].masked_fill(mask == 0, -100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**inputs, labels=labels)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    gate = (~_skipped(model, inputs)).float().unsqueeze(-1)
+    with _plain_layers(model, gate), torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        ref = model(**inputs, labels=labels)
+    assert abs(out.loss.item() - ref.loss.item()) <= 2e-2 * abs(ref.loss.item())
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_mlp_runs_on_non_skipped_rows_only(name):
     """The FFN runs on exactly the tokens that are neither skipped nor padding (the batch is left-padded)."""
     _, model = pair(name)

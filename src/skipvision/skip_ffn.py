@@ -58,8 +58,10 @@ class SkipFFNLayerMixin:
         hidden_states = residual + attn_out
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         update = self.mlp(self.post_attention_layernorm(flat.index_select(0, ffn_rows)))
-        # in place: the sum above is this layer's own tensor and no backward reads it (autograd would refuse)
-        return flat.index_add_(0, ffn_rows, update).view_as(hidden_states)
+        # in place: the sum above is this layer's own tensor and no backward reads it (autograd would refuse). Under
+        # autocast the FFN's output is in the autocast dtype and the residual stream is not: HF's ``residual + mlp``
+        # promotes to the stream's dtype, and so does this cast
+        return flat.index_add_(0, ffn_rows, update.to(flat.dtype)).view_as(hidden_states)
 
 
 @cache
