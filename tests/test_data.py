@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import skipvision
+from skipvision import SkipVisionConfig
 from skipvision.data import IGNORE_INDEX, DataError, LlavaCollator, LlavaJsonDataset, RecordError, make_dataset
 from skipvision.presets import init_model
 
@@ -150,3 +151,27 @@ def test_configure_processor_expands_image_to_skip_vision_count(processor):
     assert out["pixel_values"].shape == (1, 3, 168, 168)
     skipvision.configure_processor(processor, skipvision.presets.MODEL_PRESETS["tiny"].skip_vision)
     assert torch.is_tensor(out["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [skipvision.vanilla_config(), skipvision.in_place_config(0.25), SkipVisionConfig(0.25, 4, selection="grid")],
+    ids=["vanilla", "inplace", "full"],
+)
+def test_qwen3_vl_batches_carry_token_types_and_train(cfg, tmp_path):
+    # Qwen3-VL's HF forward needs mm_token_type_ids (its processor's per-token modality ids) to place M-RoPE
+    # positions: the dataset writes them and the collator pads them like input_ids, in every layout
+    base = init_model("tiny-qwen3-vl", tmp_path / "base")
+    train_json, _ = make_dataset(tmp_path / "data", n=12, seed=0, image_size=64)
+    model = skipvision.from_pretrained(base, skip_vision=cfg).train()
+    processor = skipvision.load_processor(base, cfg)
+    dataset = LlavaJsonDataset(train_json, None, processor)
+    items = [dataset[i] for i in range(4)]
+    for padding_side in ("right", "left"):
+        batch = LlavaCollator(processor.tokenizer.pad_token_id, padding_side)(items)
+        types = batch["mm_token_type_ids"]
+        assert types.shape == batch["input_ids"].shape
+        assert torch.equal(types.bool(), batch["input_ids"] == dataset.image_token_id)
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)

@@ -448,12 +448,19 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
                     f"{len(encoded['input_ids']) + sum(counts) - len(counts)} tokens); raise --max-length"
                 )
         item = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "id": rid}
+        if TOKEN_TYPES in getattr(self.processor, "model_input_names", ()):
+            # Qwen3-VL's HF forward places M-RoPE positions by each token's modality, as its processor marks them
+            item[TOKEN_TYPES] = (item["input_ids"] == self.image_token_id).long()
         item.update({k: torch.as_tensor(v) for k, v in image_inputs.items()})
         return item
 
     def image_placeholders(self, image_inputs: dict[str, Any], index: int) -> int:
         """Placeholders the processor expands image ``index`` to (its own count, or the Skip-Vision one)."""
         return len(self.processor.replace_image_token(image_inputs, index)) // len(self.processor.image_token)
+
+
+#: the per-token modality ids some processors return (Qwen3-VL: 1 marks an image placeholder)
+TOKEN_TYPES = "mm_token_type_ids"
 
 
 @dataclass
@@ -476,7 +483,13 @@ class LlavaCollator:
             labels[b, where] = item["labels"]
             attention_mask[b, where] = 1
         out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        for key in sorted({k for item in items for k in item} - {"input_ids", "labels", "id"}):
+        if any(TOKEN_TYPES in item for item in items):  # per token, padded as input_ids are (0: text)
+            out[TOKEN_TYPES] = torch.zeros(batch, length, dtype=torch.long)
+            for b, item in enumerate(items):
+                n = len(item["input_ids"])
+                where = slice(length - n, length) if self.padding_side == "left" else slice(0, n)
+                out[TOKEN_TYPES][b, where] = item[TOKEN_TYPES]
+        for key in sorted({k for item in items for k in item} - {"input_ids", "labels", "id", TOKEN_TYPES}):
             out[key] = _concat_padded([item[key] for item in items if key in item])
         return out
 
