@@ -37,6 +37,48 @@ def test_assisted_and_prompt_lookup_decoding_equal_greedy(skip_kv):
     assert torch.equal(model.generate(**inputs, prompt_lookup_num_tokens=3), greedy)
 
 
+@pytest.mark.parametrize("assistant_skip_kv", [True, False], ids=["assistant-skip-kv", "assistant-full-kv"])
+def test_assisted_decoding_with_rejected_drafts(assistant_skip_kv):
+    """An assistant that disagrees from its first draft: the drafts verified in the prefill are rejected, so the
+    pruned cache is cropped back into its prompt's trailing (text) columns. Greedy gives plain greedy's tokens;
+    sampling runs HF's speculative acceptance and, with top_k=1, also gives greedy's tokens."""
+    _, model = pair(CFG)
+    _, assistant = pair(with_skip_kv(assistant_skip_kv), seed=7)  # another model: its drafts differ
+    ids, mask, pixels = prompts([1], CFG, [3], [4])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=8)
+    greedy = model.generate(**inputs, **GREEDY)
+    drafts = assistant.generate(**inputs, **GREEDY)
+    assert drafts[0, ids.shape[1]] != greedy[0, ids.shape[1]]  # the first draft is rejected
+    assert torch.equal(model.generate(**inputs, **GREEDY, assistant_model=assistant), greedy)
+    sampled = dict(do_sample=True, top_k=1, suppress_tokens=GREEDY["suppress_tokens"])
+    assert torch.equal(model.generate(**inputs, **sampled, assistant_model=assistant), greedy)
+    torch.manual_seed(0)
+    out = model.generate(**inputs, do_sample=True, assistant_model=assistant)
+    assert out.shape[0] == 1 and out.shape[1] <= ids.shape[1] + 8
+
+
+def test_crop_into_a_pruned_prompt():
+    """``crop`` cuts back through generated tokens and the prompt's kept trailing columns, in full coordinates; a
+    crop that would need a pruned key is refused by name. A left-padded batch with rows of different widths."""
+    _, model = pair(CFG)
+    ids, mask, pixels = prompts([1, 2], CFG, [3, 1], [4, 2])
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True)
+    cache = out.past_key_values
+    prompt = ids.shape[1]
+    assert cache.get_seq_length() == prompt
+    slots = skipvision.cache_slots(cache)
+    cache.crop(-2)  # two trailing text tokens of the prompt
+    assert cache.get_seq_length() == prompt - 2 and skipvision.cache_slots(cache) == slots - 2
+    # decoding on from the cropped cache equals a prefill of the shorter prompt, pruned the same way
+    ref = model(input_ids=ids[:, :-2], attention_mask=mask[:, :-2], pixel_values=pixels, use_cache=True)
+    step = dict(input_ids=ids[:, -2:-1], attention_mask=mask[:, :-1])
+    logits = model(**step, past_key_values=cache).logits
+    expected = model(**step, past_key_values=ref.past_key_values).logits
+    assert (logits - expected).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="cannot crop .* pruned prompt no longer holds them"):
+        cache.crop(-6)  # reaches the second sample's image, whose skipped keys are gone
+
+
 def test_inputs_embeds_with_images_equal_input_ids():
     _, model = pair(CFG)
     ids, mask, pixels = prompts([1, 2], CFG, [3, 1], [4, 2])

@@ -82,6 +82,32 @@ class SkipKVState:
         prompt = prompt * self.slot_valid.to(prompt.dtype)
         return torch.cat([prompt, attention_mask[:, self.prompt_length :]], dim=1)
 
+    def without_trailing_prompt(self, count: int) -> CroppedPrompt:
+        """The state after removing the prompt's last ``count`` columns, and the slots each sample keeps.
+
+        Every sample holds those columns as its last valid slots (they are text: assisted decoding's drafts), else
+        a pruned key would be needed and ``ValueError`` says so. A sample's valid slots before them stay in place;
+        its invalid tail (a sample that lost more tokens than the widest) moves up behind them.
+        """
+        length = self.prompt_length
+        counts = self.slot_valid.sum(dim=1, keepdim=True)
+        tail = counts - count + torch.arange(count, device=counts.device)
+        columns = torch.arange(length - count, length, device=counts.device)
+        if count > length or not bool(((tail >= 0) & (self.kept_index.gather(1, tail.clamp_min(0)) == columns)).all()):
+            raise ValueError(
+                f"cannot crop {count} prompt token(s) from a Skip KV-cache: the pruned prompt no longer holds them in "
+                "every sample (its skipped keys are gone), so prefill a new cache to change the prompt"
+            )
+        slots = torch.arange(self.num_slots - count, device=counts.device).unsqueeze(0)
+        source = slots + count * (slots >= counts - count)
+        state = SkipKVState(
+            length - count,
+            self.kept_index.gather(1, source),
+            self.slot_valid.gather(1, source),
+            self.all_slots_valid,
+        )
+        return CroppedPrompt(state, source)
+
     def positions(self, attention_mask: torch.Tensor | None, cache_length: int, query_length: int) -> torch.Tensor:
         """True position ids of the next ``query_length`` tokens, from a full-coordinate 2-D mask (or none)."""
         if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
@@ -89,6 +115,15 @@ class SkipKVState:
         start = self.full_length(cache_length, query_length) - query_length
         arange = torch.arange(query_length, device=self.kept_index.device) + start
         return arange.unsqueeze(0).expand(self.kept_index.shape[0], -1)
+
+
+@dataclass
+class CroppedPrompt:
+    """A pruned cache's state after a crop into its prompt, and ``source_slots (batch, K')``: the old slot each new
+    slot is copied from."""
+
+    state: SkipKVState
+    source_slots: torch.Tensor
 
 
 class PrunedCacheMixin(RowStateCacheMixin):
@@ -104,14 +139,42 @@ class PrunedCacheMixin(RowStateCacheMixin):
         return super().get_seq_length(layer_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens seen (a positive value: the length to keep, as older
+        transformers pass it). Generated tokens go as in any cache; a crop into the prompt (assisted decoding
+        verifies its first drafts in the prefill, so rejected drafts are prompt columns) removes the prompt's
+        trailing columns when every sample still holds them, and is refused only where it would need a pruned key.
+        """
         state: SkipKVState = getattr(self, STATE_ATTR)
-        generated = self.get_seq_length() - state.prompt_length
-        if tokens_to_remove < 0 and -tokens_to_remove > generated:
-            raise ValueError(
-                f"cannot crop {-tokens_to_remove} tokens from a Skip KV-cache that holds {generated} tokens after its "
-                "pruned prompt; the prompt's skipped keys are gone, so prefill a new cache to change the prompt"
-            )
-        super().crop(tokens_to_remove)
+        seen = self.get_seq_length()
+        remove = seen - tokens_to_remove if tokens_to_remove > 0 else -tokens_to_remove
+        generated = seen - state.prompt_length
+        from_prompt = remove - generated
+        if from_prompt <= 0:
+            super().crop(-remove)
+            return
+        kept = state.without_trailing_prompt(from_prompt)  # raises when a pruned key would be needed
+        if generated:
+            super().crop(-generated)
+        for layer in self.layers:
+            if layer.is_initialized and layer.keys.numel():
+                _keep_slots(layer, kept.source_slots, state.num_slots)
+        setattr(self, STATE_ATTR, kept.state)
+
+
+def _keep_slots(layer: DynamicLayer | StaticLayer, source: torch.Tensor, num_slots: int) -> None:
+    """Rebuild a layer's first ``num_slots`` (pruned prompt) slots as ``source (batch, K')``'s picks of them."""
+    width = source.shape[1]
+    for name in ("keys", "values"):
+        stored = getattr(layer, name)
+        batch, heads, _, dim = stored.shape
+        picked = stored[:, :, :num_slots].gather(2, source[:, None, :, None].expand(batch, heads, width, dim))
+        if isinstance(layer, StaticLayer):  # a static cache keeps its tensors' addresses
+            stored[:, :, :width].copy_(picked)
+            stored[:, :, width:num_slots].zero_()
+        else:
+            setattr(layer, name, picked)
+    if isinstance(layer, StaticLayer):
+        layer.cumulative_length.fill_(width)
 
 
 @memoize
