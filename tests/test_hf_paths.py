@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import EOS_ID, IMAGE_TOKEN_ID, VOCAB, llava_config, pair, prompts
 from test_skip_kv import CFG, masked_full_forward
-from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration, StaticCache
+from transformers import AutoModelForImageTextToText, CompileConfig, LlavaForConditionalGeneration, StaticCache
 
 import skipvision
 from skipvision import SkipVisionConfig
@@ -130,6 +130,36 @@ def test_compiled_decode_step_equals_eager(cache_kind):
         traced = compiled(input_ids=token, attention_mask=mask, past_key_values=compiled_cache).logits
         assert (traced - eager).abs().max() <= 1e-5
         token = eager[:, -1:].argmax(-1)
+
+
+def _compiled_static_generate(model, span):
+    """Greedy generate of 8 decode steps on a left-padded batch, static cache, HF's compiled forward (eager
+    backend); returns (tokens, graphs dynamo compiled)."""
+    ids, mask, pixels = prompts([1, 2], span, [3, 6], [4, 1])
+    compile_config = CompileConfig(fullgraph=True, backend="eager")
+    compile_config._compile_all_devices = True  # HF compiles on accelerators only by default
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=9, cache_implementation="static",
+        compile_config=compile_config, **GREEDY,
+    )  # fmt: skip
+    return out, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@torch.no_grad()
+def test_compiled_static_decode_compiles_once():
+    """No tensor whose shape grows per step enters the compiled forward: one graph serves every decode step of a
+    padded batch, as for HF's class, with Skip-Vision and with the vanilla config."""
+    vanilla, model = pair(CFG)
+    _, hf_graphs = _compiled_static_generate(vanilla, 64)
+    out, graphs = _compiled_static_generate(model, CFG)
+    assert hf_graphs == graphs == 1
+    ids, mask, pixels = prompts([1, 2], CFG, [3, 6], [4, 1])
+    eager = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=9, **GREEDY)
+    assert torch.equal(out, eager)
+    native = skipvision.convert(copy.deepcopy(vanilla), skipvision.vanilla_config())
+    assert _compiled_static_generate(native, 64)[1] == 1
 
 
 @pytest.mark.parametrize("resend_images", [False, True], ids=["turn2-text", "turn2-resends-image"])

@@ -488,8 +488,9 @@ class SkipVisionMixin:
             **kwargs,
         )
         prepared = model_inputs.get("attention_mask")
-        if mask is not None and not (isinstance(prepared, torch.Tensor) and prepared.ndim == 2):
-            # a compileable cache gets its 4-D mask built here; the prefill still needs the padding it came from
+        if is_first_iteration and mask is not None and not (isinstance(prepared, torch.Tensor) and prepared.ndim == 2):
+            # a compileable cache gets its 4-D mask built here; the prefill still needs the padding it came from. A
+            # decode step needs none of it, and a mask growing by a column per step would retrace a compiled step
             model_inputs[PADDING_MASK_KWARG] = mask
         return model_inputs
 
