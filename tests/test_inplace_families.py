@@ -71,6 +71,10 @@ def _setup(name, dtype=torch.float32):
     return vanilla, dict(input_ids=input_ids, attention_mask=mask, **extra)
 
 
+def _image_args(inputs: dict) -> dict:
+    return {k: v for k, v in inputs.items() if k != "attention_mask"}
+
+
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_in_place_family_invariants(name, tmp_path):
     vanilla, inputs = _setup(name)
@@ -79,7 +83,7 @@ def test_in_place_family_invariants(name, tmp_path):
     assert (keep_all(**inputs).logits - vanilla(**inputs).logits).abs().max() <= 1e-6
     model = skipvision.convert(copy.deepcopy(vanilla), CFG)
     assert type(model).__name__ == f"SkipVision{type(vanilla).__name__}"
-    skipped = model.skipped_mask(inputs["input_ids"], inputs["pixel_values"])
+    skipped = model.skipped_mask(**_image_args(inputs))
     assert skipped.sum(1).tolist() == [2, 2]  # half of each image's 4 tokens
     # generate with Skip KV-cache equals a no-cache forward where generated tokens cannot see S
     greedy = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -113,7 +117,7 @@ def test_in_place_family_skip_ffn_equals_gated_reference_fp64(name):
     model = skipvision.convert(vanilla, CFG)
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     out = model(**inputs, labels=labels)
-    skipped = model.skipped_mask(inputs["input_ids"], inputs["pixel_values"])
+    skipped = model.skipped_mask(**_image_args(inputs))
     gate = (~skipped).double().unsqueeze(-1)
     layers = skipvision.family_of(model).decoder_layers(model)
     hooks = [layer.mlp.register_forward_hook(lambda _m, _i, o: o * gate) for layer in layers]
@@ -127,6 +131,23 @@ def test_in_place_family_skip_ffn_equals_gated_reference_fp64(name):
     assert abs(out.loss.item() - ref.loss.item()) <= 1e-10
     plain = skipvision.family_of(model).hf_class.forward(model, **inputs)
     assert (plain.logits - out.logits)[valid].abs().max() > 1e-6
+
+
+def test_mistral3_grid_selection_follows_the_image_rows_and_columns():
+    """A Mistral3 image is rows of placeholders, each ended by a break token (what PixtralProcessor writes); grid
+    selection of a quarter keeps every 2nd row and column of the image's real grid (``image_sizes``)."""
+    vanilla, _, _ = _mistral3()
+    model = skipvision.convert(vanilla, skipvision.in_place_config(0.25))
+    rows, cols, image_break = 4, 6, 11
+    ids = [5, 6] + ([IMAGE] * cols + [image_break]) * rows + [8]
+    skipped = model.skipped_mask(
+        input_ids=torch.tensor([ids]),
+        pixel_values=torch.randn(1, 3, 14 * 2 * rows, 14 * 2 * cols),
+        image_sizes=torch.tensor([[14 * 2 * rows, 14 * 2 * cols]]),
+    )[0]
+    image = torch.tensor(ids) == IMAGE
+    kept = (~skipped[image]).nonzero().squeeze(1).tolist()
+    assert kept == [r * cols + c for r in (0, 2) for c in (0, 2, 4)]
 
 
 def test_in_place_only_families_refuse_the_full_layout_and_gemma3_is_refused():

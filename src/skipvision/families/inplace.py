@@ -5,8 +5,9 @@ tokens it does not retain as skipped (Skip-FFN) and drops them from the cache af
 Facts it needs, all read from the model: the decoder layers (a ``ModuleList`` of modules with ``input_layernorm``,
 ``self_attn``, ``post_attention_layernorm`` and ``mlp``), ``config.image_token_id`` (or ``image_token_index``) and,
 for grid selection, each image block's token count: a family may state its tokens per block (InternVL: one tile),
-otherwise each unbroken run of placeholders is a block (Idefics3/SmolVLM: a tile; Mistral3: a row), with a square
-grid when its count is a square. Families whose layers are not Llama-style (Gemma3's sandwich norms) are refused by
+otherwise each unbroken run of placeholders is a block (Idefics3/SmolVLM: a tile), with a square grid when its count
+is a square; Mistral3's grid comes from ``image_sizes`` (a run there is one row). Families whose layers are not
+Llama-style (Gemma3's sandwich norms) are refused by
 ``enable_skip_ffn`` with the missing or extra parts named.
 """
 
@@ -109,6 +110,26 @@ class InPlaceFamily(Family):
         raise NotImplementedError(f"no FLOPs model for {self.name}")
 
 
+class Mistral3Family(InPlaceFamily):
+    """Mistral3 (Pixtral tower): an image is rows of merged patches, the processor ending each row with a break
+    token, so a run of placeholders is one row. ``image_sizes`` gives each image's grid, so grid selection works
+    on the image's real rows and columns."""
+
+    image_input_names = ("image_sizes",)
+
+    def image_blocks(
+        self, config: PretrainedConfig, is_image: torch.Tensor, image_inputs: dict[str, Any]
+    ) -> list[tuple[int, tuple[int, int, int] | None]]:
+        sizes = image_inputs.get("image_sizes")
+        if sizes is None:
+            raise ValueError("Mistral3 needs image_sizes (num_images, 2) from its processor with pixel_values")
+        # the tower's patches, merged spatial_merge_size x spatial_merge_size by the projector
+        vision = config.vision_config
+        patch, merge = vision.patch_size, config.spatial_merge_size
+        grids = [(int(h) // patch // merge, int(w) // patch // merge) for h, w in torch.as_tensor(sizes).tolist()]
+        return [(rows * cols, (1, rows, cols)) for rows, cols in grids]
+
+
 def _internvl_tile_tokens(config: PretrainedConfig) -> int:
     vision = config.vision_config
     side = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
@@ -123,7 +144,7 @@ def _known() -> list[InPlaceFamily]:
         InPlaceFamily("idefics3", hf.Idefics3ForConditionalGeneration, hf.Idefics3Processor),
         InPlaceFamily("smolvlm", hf.SmolVLMForConditionalGeneration, hf.SmolVLMProcessor),
         InPlaceFamily("internvl", hf.InternVLForConditionalGeneration, hf.InternVLProcessor, _internvl_tile_tokens),
-        InPlaceFamily("mistral3", hf.Mistral3ForConditionalGeneration, hf.PixtralProcessor),
+        Mistral3Family("mistral3", hf.Mistral3ForConditionalGeneration, hf.PixtralProcessor),
     ]
 
 
