@@ -106,3 +106,19 @@ def test_vanilla_flag_and_settings_together_are_refused(tmp_path):
     hub_checkpoint("llava", tmp_path)
     with pytest.raises(ValueError, match="either skip_vision=... or vanilla=True"):
         skipvision.from_pretrained(tmp_path, skip_vision=FAMILIES["llava"][1], vanilla=True)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava-next", "llava-onevision", "qwen2.5-vl"])
+def test_missing_tower_weights_get_the_towers_own_init(family, tmp_path):
+    # weights missing from a checkpoint are initialised as HF's class initialises them (CLIP's scaled q/k/v, ...),
+    # not with one generic N(0, 0.02): the same seed gives the same weights
+    reference = hub_checkpoint(family, tmp_path)
+    tower = "visual." if family == "qwen2.5-vl" else "vision_tower."
+    _rewrite(tmp_path, lambda t: {k: v for k, v in t.items() if tower not in k})
+    hf_class = skipvision.family_of(reference).hf_class
+    torch.manual_seed(0)
+    hf_loaded = hf_class.from_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded, info = skipvision.from_pretrained(tmp_path, vanilla=True, output_loading_info=True)
+    assert info["missing_keys"] and all(tower in key for key in info["missing_keys"])
+    _assert_same_weights(loaded, hf_loaded)

@@ -285,6 +285,14 @@ class SkipVisionMixin:
             if embed.device.type != "meta":
                 self.summary_scorer.reset_parameters(self._initializer_range())
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers treats classes defined outside it as custom code and then skips the init of modules without
+        # parameters of their own (a CLIP attention's scaled q/k/v init), so missing weights of a Skip-Vision model
+        # would get another init than HF's class gives them. It is HF's class plus a mixin whose one new module
+        # initialises through ``_init_weights``, so it takes HF's own path.
+        return super().is_custom_code() and cls.skip_vision_family.hf_class.is_custom_code()
+
     def _initializer_range(self) -> float:
         return getattr(self.config.get_text_config(), "initializer_range", 0.02)
 
