@@ -122,3 +122,30 @@ def test_missing_tower_weights_get_the_towers_own_init(family, tmp_path):
     loaded, info = skipvision.from_pretrained(tmp_path, vanilla=True, output_loading_info=True)
     assert info["missing_keys"] and all(tower in key for key in info["missing_keys"])
     _assert_same_weights(loaded, hf_loaded)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-next", "tiny-onevision", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_processor_save_pretrained_round_trip(preset, tmp_path):
+    """``processor.save_pretrained`` works the HF way for every family (an image-only processor, built without
+    torchvision's video side, saves as its parts), and the Quickstart's save (model and processor) loads back."""
+    from PIL import Image
+
+    from skipvision.presets import MODEL_PRESETS, init_model
+
+    base = init_model(preset, tmp_path / "base")
+    cfg = MODEL_PRESETS[preset].skip_vision
+    model = skipvision.from_pretrained(base, skip_vision=cfg)
+    processor = skipvision.load_processor(base, cfg)
+    model.save_pretrained(tmp_path / "sv")
+    processor.save_pretrained(tmp_path / "sv")
+    loaded = skipvision.load_processor(tmp_path / "sv")
+    image = Image.new("RGB", (96, 80), (10, 200, 30))
+    prompt = skipvision.family_of(model).image_prompt(processor, model.config) + " what is it?"
+    before = processor(images=[image], text=[prompt], return_tensors="pt")
+    after = loaded(images=[image], text=[prompt], return_tensors="pt")
+    assert torch.equal(before["input_ids"], after["input_ids"])
+    assert type(loaded).__name__ == type(processor).__name__
+    model.save_pretrained(tmp_path / "again")
+    skipvision.save_processor(processor, tmp_path / "again")  # the exported helper does the same
+    again = skipvision.load_processor(tmp_path / "again")
+    assert torch.equal(again(images=[image], text=[prompt], return_tensors="pt")["input_ids"], before["input_ids"])

@@ -7,6 +7,7 @@ from .api import (
     family_of,
     from_pretrained,
     load_processor,
+    save_processor,
     vision_facts,
 )
 from .config import ImageLayout, SkipVisionConfig, in_place_config, num_image_tokens, vanilla_config
@@ -48,6 +49,7 @@ __all__ = [
     "num_image_tokens",
     "cache_slots",
     "prune_skipped_kv",
+    "save_processor",
     "skip_kv_state",
     "skipped_token_mask",
     "vanilla_config",

@@ -13,6 +13,7 @@ from .inplace import IN_PLACE_FAMILIES, generic_family
 from .llava import LLAVA
 from .llava_next import LLAVA_NEXT
 from .llava_onevision import LLAVA_ONEVISION
+from .processor import hf_processor_class
 from .qwen2_5_vl import QWEN2_5_VL
 from .qwen3_vl import QWEN3_VL
 
@@ -58,8 +59,7 @@ def family_by_name(name: str) -> Family:
 
 def family_for_processor(processor: Any) -> Family:
     """The family whose processor class ``processor`` (an instance or a class) is. Most specific class wins."""
-    cls = processor if isinstance(processor, type) else type(processor)
-    cls = getattr(cls, "skip_vision_base", cls)
+    cls = hf_processor_class(processor)
     for family in FAMILIES.values():
         if cls is family.processor_class:
             return family

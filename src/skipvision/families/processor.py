@@ -56,11 +56,40 @@ def _skip_vision_processor(base: type) -> type:
     return type(base.__name__, (_SkipVisionProcessorMixin, base), attrs)
 
 
+def hf_processor_class(processor: Any) -> type:
+    """The HF class behind a processor (an instance or a class) that Skip-Vision may have subclassed."""
+    cls = processor if isinstance(processor, type) else type(processor)
+    cls = getattr(cls, "skip_vision_base", cls)
+    return getattr(cls, "skip_vision_hf_class", cls)
+
+
 # HF's processors with a video side cannot be built, saved or loaded without a video processor, which needs
 # torchvision; an image-only processor (video_processor=None) is saved as its parts and rebuilt from them.
+class _ImageOnlyProcessorMixin:
+    """An HF processor built without its video processor: ``save_pretrained`` saves it as its parts (HF's own
+    would fail on the missing video processor), so it saves and loads back the HF way."""
+
+    skip_vision_hf_class: type
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        from . import family_for_processor
+
+        if kwargs.get("push_to_hub"):
+            raise NotImplementedError("an image-only processor (no torchvision for its video side) is saved locally")
+        os.makedirs(save_directory, exist_ok=True)
+        family_for_processor(self).save_processor(self, save_directory)
+
+
+@functools.cache
+def _image_only_class(base: type) -> type:
+    attrs = {"__module__": base.__module__, "skip_vision_hf_class": base}
+    return type(base.__name__, (_ImageOnlyProcessorMixin, base), attrs)
+
+
 def image_only_processor(processor_class: type, image_processor: Any, tokenizer: Any, **kwargs: Any) -> Any:
     """A ``processor_class`` without a video processor (HF's argument check needs torchvision to name the video
-    processor class, so it is skipped for ``video_processor=None``)."""
+    processor class, so it is skipped for ``video_processor=None``); ``save_pretrained`` works on it."""
+    processor_class = _image_only_class(processor_class)
     processor = processor_class.__new__(processor_class)
     processor.check_argument_for_proper_class = lambda _name, _arg: None
     processor.__init__(image_processor=image_processor, video_processor=None, tokenizer=tokenizer, **kwargs)
@@ -72,11 +101,11 @@ def save_image_only(processor: ProcessorMixin, path: str | os.PathLike, settings
     """Save a processor; an image-only one as its image processor, tokenizer, ``settings`` and chat template."""
     if getattr(processor, "video_processor", None) is not None:
         return processor.save_pretrained(path)
+    os.makedirs(path, exist_ok=True)
     processor.image_processor.save_pretrained(path)
     processor.tokenizer.save_pretrained(path)
     values = {k: getattr(processor, k) for k in settings}
-    base = getattr(type(processor), "skip_vision_base", type(processor))
-    values.update(processor_class=base.__name__, image_only=True)
+    values.update(processor_class=hf_processor_class(processor).__name__, image_only=True)
     Path(path, "processor_config.json").write_text(json.dumps(values, indent=1))
     if processor.chat_template:
         Path(path, "chat_template.jinja").write_text(processor.chat_template)
