@@ -149,3 +149,15 @@ def test_processor_save_pretrained_round_trip(preset, tmp_path):
     skipvision.save_processor(processor, tmp_path / "again")  # the exported helper does the same
     again = skipvision.load_processor(tmp_path / "again")
     assert torch.equal(again(images=[image], text=[prompt], return_tensors="pt")["input_ids"], before["input_ids"])
+
+
+def test_convert_refuses_a_text_only_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    text_model = LlamaForCausalLM(config)
+    with pytest.raises(TypeError, match="LlamaForCausalLM is not a vision-language model"):
+        skipvision.convert(text_model, skipvision.in_place_config(0.5))
+    assert type(text_model) is LlamaForCausalLM

@@ -36,6 +36,13 @@ def family_for(config: Any, model_class: type | None = None) -> Family:
             f"Skip-Vision does not know model_type {model_type!r} (families: {sorted(FAMILIES)}); an HF VLM class "
             "with Llama-style decoder layers can still use layout='inplace' through skipvision.convert(model, cfg)"
         )
+    if not isinstance(config, str) and all(
+        getattr(config, name, None) is None for name in ("image_token_id", "image_token_index")
+    ):
+        raise TypeError(
+            f"{model_class.__name__} is not a vision-language model Skip-Vision can use: its config has no "
+            "image_token_id (or image_token_index) marking the visual tokens to skip"
+        )
     return generic_family(model_type, model_class)
 
 
