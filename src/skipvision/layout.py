@@ -6,31 +6,35 @@ occupies the k-th run of its length among all placeholders; nothing depends on o
 
 from __future__ import annotations
 
+import bisect
+import itertools
+
 import torch
 
 from .config import SkipVisionConfig
 
 
-def image_token_counts(is_image: torch.Tensor, span: int, config: SkipVisionConfig) -> torch.Tensor:
-    """Images per sample for a fixed per-image count of ``span`` placeholders, from the ``(batch, seq)``
-    placeholder mask, checking whole image spans. Returns ``(batch,)``."""
-    per_sample = is_image.sum(dim=1)
-    bad = (per_sample % span).nonzero()
-    if bad.numel():
-        b = int(bad[0, 0])
-        raise ValueError(
-            f"sample {b} has {int(per_sample[b])} image placeholder tokens, which is not a multiple of "
-            f"{span}, an image's placeholder count (N_r={config.num_retained}, N_s={config.num_skipped}"
-            f"{' + 2 summary tokens' if config.summary_tokens else ''}); expand each <image> to exactly {span} tokens "
-            "(see skipvision.configure_processor)"
-        )
-    return per_sample // span
+def image_token_counts(per_sample: list[int], span: int, config: SkipVisionConfig) -> list[int]:
+    """Images per sample for a fixed per-image count of ``span`` placeholders, from each sample's placeholder count
+    (read once to the host), checking whole image spans."""
+    for b, count in enumerate(per_sample):
+        if count % span:
+            raise ValueError(
+                f"sample {b} has {count} image placeholder tokens, which is not a multiple of "
+                f"{span}, an image's placeholder count (N_r={config.num_retained}, N_s={config.num_skipped}"
+                f"{' + 2 summary tokens' if config.summary_tokens else ''}); expand each <image> to exactly {span} "
+                "tokens (see skipvision.configure_processor)"
+            )
+    return [count // span for count in per_sample]
 
 
-def check_image_spans(is_image: torch.Tensor, counts: list[int]) -> None:
-    """Raise ``ValueError`` unless the placeholders (``(batch, seq)`` mask) hold exactly the images of ``counts``,
-    each within one sample."""
-    per_sample = is_image.sum(dim=1).tolist()
+def check_image_spans(is_image: torch.Tensor, counts: list[int], per_sample: list[int]) -> torch.Tensor:
+    """Raise ``ValueError`` unless the placeholders (``(batch, seq)`` mask; ``per_sample`` their count in each
+    sample) hold exactly the images of ``counts``, each within one sample.
+
+    Returns a device flag, true when some image's placeholders are not one unbroken run: the host reads it with
+    the prefill's other counts (:func:`raise_for_split_images` then names the image), so this check adds no wait.
+    """
     total = sum(per_sample)
     if total != sum(counts):
         raise ValueError(
@@ -38,25 +42,45 @@ def check_image_spans(is_image: torch.Tensor, counts: list[int]) -> None:
             f"{sum(counts)} ({', '.join(map(str, counts[:8]))}{' ...' if len(counts) > 8 else ''} per image); "
             "expand each <image> with a processor set up by skipvision.configure_processor / load_processor"
         )
-    boundaries = set(torch.tensor([0, *counts]).cumsum(0).tolist())
-    seen = 0
-    for b, n in enumerate(per_sample):
-        seen += n
+    boundaries = set(itertools.accumulate(counts, initial=0))
+    for b, seen in enumerate(itertools.accumulate(per_sample)):
         if seen not in boundaries:
             raise ValueError(
-                f"sample {b} ends inside an image: its {n} placeholder tokens do not cover whole images "
+                f"sample {b} ends inside an image: its {per_sample[b]} placeholder tokens do not cover whole images "
                 f"(per-image counts {counts[:8]})"
             )
-    # each image's placeholders must be one unbroken run: a break may only fall on an image boundary
-    flat = is_image.flatten().nonzero().squeeze(1)
-    breaks = ((flat[1:] - flat[:-1]) != 1).nonzero().squeeze(1) + 1
-    inside = [int(i) for i in breaks.tolist() if int(i) not in boundaries]
-    if inside:
-        image = int(torch.searchsorted(torch.tensor(sorted(boundaries)), inside[0], right=True)) - 1
-        raise ValueError(
-            f"image {image}'s placeholder tokens are split by other tokens; each image's placeholders must be one "
-            "unbroken run (as the processor writes them)"
-        )
+    # a run of placeholders may only start on an image boundary (its rank among all placeholders)
+    rank = is_image.flatten().cumsum(0).view_as(is_image) - 1
+    starts = is_image & ~torch.nn.functional.pad(is_image[:, :-1], (1, 0))
+    if len(set(counts)) <= 1:
+        on_boundary = rank % max(counts[0] if counts else 1, 1) == 0
+    else:
+        table = torch.zeros(total + 1, dtype=torch.bool, device=is_image.device)
+        table[host_to_device(sorted(boundaries), is_image.device)] = True
+        on_boundary = table[rank.clamp_min(0)]
+    return (starts & ~on_boundary).any()
+
+
+def raise_for_split_images(is_image: torch.Tensor, counts: list[int]) -> None:
+    """Name the first image whose placeholders are split by other tokens (the slow path of a failed check)."""
+    boundaries = list(itertools.accumulate(counts, initial=0))
+    rank = (is_image.flatten().cumsum(0).view_as(is_image) - 1).cpu()
+    starts = (is_image & ~torch.nn.functional.pad(is_image[:, :-1], (1, 0))).cpu()
+    inside = [r for r in rank[starts].tolist() if r not in boundaries]
+    image = bisect.bisect_right(boundaries, inside[0]) - 1 if inside else 0
+    raise ValueError(
+        f"image {image}'s placeholder tokens are split by other tokens; each image's placeholders must be one "
+        "unbroken run (as the processor writes them)"
+    )
+
+
+def host_to_device(values: list, device: torch.device) -> torch.Tensor:
+    """A small long tensor from host values (nested lists), copied without making the host wait for the device
+    (pinned memory, non-blocking; a plain copy to a GPU synchronises the stream)."""
+    tensor = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def skipped_token_mask(
@@ -79,19 +103,24 @@ def skipped_token_mask(
 
 def scatter_image_flags(is_image: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
     """Place per-placeholder ``flags`` (row-major order of the placeholders) into a ``(batch, seq)`` mask."""
-    mask = torch.zeros_like(is_image)
-    mask[is_image] = flags
-    return mask
+    # a gather by each placeholder's rank, not boolean indexing: no output shape depends on the data, so the host
+    # never waits for the device, and a count that does not match (checked by the caller) cannot index out of range
+    rank = (is_image.flatten().cumsum(0).view_as(is_image) - 1).clamp(0, max(flags.numel() - 1, 0))
+    if flags.numel() == 0:
+        return torch.zeros_like(is_image)
+    return is_image & flags[rank]
 
 
 def placeholder_runs(is_image: torch.Tensor) -> list[int]:
-    """Lengths of the unbroken runs of placeholders (row-major; a run never spans two samples)."""
+    """Lengths of the unbroken runs of placeholders (row-major; a run never spans two samples). The mask is read to
+    the host once."""
     counts: list[int] = []
-    for row in is_image:
-        flat = row.nonzero().squeeze(1)
-        if flat.numel() == 0:
-            continue
-        breaks = ((flat[1:] - flat[:-1]) != 1).nonzero().squeeze(1) + 1
-        edges = [0, *breaks.tolist(), flat.numel()]
-        counts.extend(b - a for a, b in zip(edges[:-1], edges[1:]))
+    for row in is_image.cpu().tolist():
+        run = 0
+        for flag in [*row, False]:
+            if flag:
+                run += 1
+            elif run:
+                counts.append(run)
+                run = 0
     return counts

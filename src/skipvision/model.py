@@ -15,6 +15,8 @@ import contextlib
 import functools
 import inspect
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -25,7 +27,13 @@ from transformers.masking_utils import create_masks_for_generate
 
 from . import llm_drop
 from .config import SkipVisionConfig, VisionFacts
-from .layout import check_image_spans, image_token_counts, placeholder_runs, scatter_image_flags
+from .layout import (
+    check_image_spans,
+    image_token_counts,
+    placeholder_runs,
+    raise_for_split_images,
+    scatter_image_flags,
+)
 from .selection import selection_strategy, square_grid
 from .sequence import ImageSequence, ImageTokens, assemble, in_place_flags
 from .skip_ffn import FFN_ROWS_KWARG, enable_skip_ffn, ffn_rows
@@ -37,6 +45,29 @@ SKIP_VISION_WEIGHTS = r"^summary_scorer\."
 
 #: the 2-D padding mask ``generate`` passes along when it hands the forward a prepared 4-D mask (static caches)
 PADDING_MASK_KWARG = "skip_vision_padding_mask"
+
+
+@dataclass
+class DeferredCheck:
+    """An input check computed on the device (``failed``, a bool scalar) that the host reads together with the
+    prefill's row counts, in one wait; ``raise_error`` names the problem when it failed."""
+
+    failed: torch.Tensor
+    raise_error: Callable[[], None]
+
+
+def read_prefill_counts(
+    dropped: torch.Tensor, skipped: torch.Tensor, checks: list[DeferredCheck]
+) -> tuple[list[int], int]:
+    """``(kept columns per sample, skipped tokens in all)`` of a prefill whose ``dropped (batch, seq)`` columns skip
+    the FFN and leave the cache, read to the host in the prefill's one wait for the device, with ``checks``."""
+    batch = dropped.shape[0]
+    values = [(~dropped).sum(dim=1), skipped.sum().reshape(1)] + [check.failed.reshape(1) for check in checks]
+    host = torch.cat([value.long() for value in values]).tolist()
+    for check, failed in zip(checks, host[batch + 1 :]):
+        if failed:
+            check.raise_error()
+    return host[:batch], host[batch]
 
 
 class Family:
@@ -361,37 +392,52 @@ class SkipVisionMixin:
         The placeholders come from ``input_ids``; without them (``generate(inputs_embeds=...)``) from the
         embeddings equal to the image token's, as HF finds them. Given ``inputs_embeds`` are the text embeddings.
         """
-        embeds, skipped, _, _ = self._embed_multimodal(input_ids, pixel_values, inputs_embeds, image_inputs)
-        return embeds, skipped
+        embeds, skipped, _, is_image, checks = self._embed_multimodal(
+            input_ids, pixel_values, inputs_embeds, image_inputs
+        )
+        for check in checks:
+            if bool(check.failed):
+                check.raise_error()
+        return embeds, torch.zeros_like(is_image) if skipped is None else skipped
 
     def skipped_mask(
         self, input_ids: torch.LongTensor | None, pixel_values: torch.Tensor | None = None, **image_inputs: Any
     ) -> torch.Tensor:
         """The ``(batch, seq)`` boolean mask of the skipped tokens of these inputs, in any layout."""
         if self.skip_vision_config.in_place:
-            return self._in_place_skipped(input_ids, None, pixel_values, image_inputs)
+            skipped, checks = self._in_place_skipped(input_ids, None, pixel_values, image_inputs)
+            for check in checks:
+                if bool(check.failed):
+                    check.raise_error()
+            return torch.zeros_like(self.image_placeholder_mask(input_ids)) if skipped is None else skipped
         return self.embed_multimodal(input_ids, pixel_values, **image_inputs)[1]
 
-    def _check_image_count(self, is_image: torch.Tensor, pixel_values: Any, image_inputs: dict[str, Any]) -> int:
+    def _check_image_count(
+        self, is_image: torch.Tensor, pixel_values: Any, image_inputs: dict[str, Any]
+    ) -> tuple[int, list[int] | None]:
+        """``(images given, placeholders per sample or None)``; the per-sample counts are read to the host (one
+        wait) where the full layout needs them: a fixed-count family checks them before the tower runs."""
         cfg = self.skip_vision_config
         if pixel_values is not None:
             self._check_image_inputs(pixel_values, image_inputs)
         provided = self.skip_vision_family.num_images(pixel_values, image_inputs)
+        # the full layout reads each sample's placeholder count (one wait); in place HF's forward checks them
+        per_sample = None if cfg.in_place else is_image.sum(dim=1).tolist()
         fixed = self.skip_vision_facts().fixed_visual_tokens
-        if fixed is not None and not cfg.in_place:  # fixed count: check before running the tower
+        if fixed is not None and per_sample is not None:  # fixed count: check before running the tower
             span = cfg.image_layout(fixed).total
-            expected = int(image_token_counts(is_image, span, cfg).sum())
+            expected = sum(image_token_counts(per_sample, span, cfg))
             if expected != provided:
                 raise ValueError(
                     f"input_ids hold placeholders for {expected} image(s) ({span} tokens each) "
                     f"but {provided} image(s) were given in pixel_values"
                 )
-        elif provided == 0 and bool(is_image.any()):
+        elif provided == 0 and (sum(per_sample) if per_sample is not None else bool(is_image.any())):
             raise ValueError(
                 f"input_ids hold {int(is_image.sum())} image placeholder tokens but no images were given "
                 "(pixel_values is None)"
             )
-        return provided
+        return provided, per_sample
 
     def _embed_multimodal(
         self,
@@ -399,20 +445,22 @@ class SkipVisionMixin:
         pixel_values: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None,
         image_inputs: dict[str, Any],
-    ) -> tuple[torch.Tensor, torch.Tensor, list[ImageSequence], torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[ImageSequence], torch.Tensor, list[DeferredCheck]]:
+        """``(inputs_embeds, skipped (None: no image), sequences, is_image, checks the host reads later)``."""
         is_image = self.image_placeholder_mask(input_ids, inputs_embeds)
-        provided = self._check_image_count(is_image, pixel_values, image_inputs)
+        provided, per_sample = self._check_image_count(is_image, pixel_values, image_inputs)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        skipped = torch.zeros_like(is_image)
-        sequences: list[ImageSequence] = []
-        if provided:
-            sequences = self._image_sequences(pixel_values, image_inputs)
-            check_image_spans(is_image, [s.embeds.shape[0] for s in sequences])
-            image_embeds = torch.cat([s.embeds for s in sequences]).to(inputs_embeds.dtype)
-            inputs_embeds = inputs_embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds)
-            skipped = scatter_image_flags(is_image, torch.cat([s.skipped for s in sequences]))
-        return inputs_embeds, skipped, sequences, is_image
+        if not provided:
+            return inputs_embeds, None, [], is_image, []
+        sequences = self._image_sequences(pixel_values, image_inputs)
+        counts = [s.embeds.shape[0] for s in sequences]
+        split = check_image_spans(is_image, counts, per_sample)
+        image_embeds = torch.cat([s.embeds for s in sequences]).to(inputs_embeds.dtype)
+        inputs_embeds = inputs_embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds)
+        skipped = scatter_image_flags(is_image, torch.cat([s.skipped for s in sequences]))
+        checks = [DeferredCheck(split, functools.partial(raise_for_split_images, is_image, counts))]
+        return inputs_embeds, skipped, sequences, is_image, checks
 
     def _in_place_skipped(
         self,
@@ -420,22 +468,26 @@ class SkipVisionMixin:
         inputs_embeds: torch.Tensor | None,
         pixel_values: Any,
         image_inputs: dict[str, Any],
-    ) -> torch.Tensor:
-        """The in-place layout's skipped mask: the non-retained tokens of each image block, where they are."""
+    ) -> tuple[torch.Tensor | None, list[DeferredCheck]]:
+        """The in-place layout's skipped mask: the non-retained tokens of each image block, where they are (None:
+        nothing is skipped, known without looking at the tokens), and the check the host reads later."""
         cfg = self.skip_vision_config
         is_image = self.image_placeholder_mask(input_ids, inputs_embeds)
-        provided = self._check_image_count(is_image, pixel_values, image_inputs)
+        provided, _ = self._check_image_count(is_image, pixel_values, image_inputs)
         if cfg.native or not provided:
-            return torch.zeros_like(is_image)
+            return None, []
         blocks = self.skip_vision_family.image_blocks(self.config, is_image, image_inputs)
         counts = [count for count, _ in blocks]
-        if sum(counts) != int(is_image.sum()):
+
+        def wrong_count() -> None:
             raise ValueError(
                 f"input_ids hold {int(is_image.sum())} image placeholder tokens but the {provided} image(s) given "
                 f"have {sum(counts)} visual tokens; expand each image with the model's own processor"
             )
+
         flags = in_place_flags(counts, [grid for _, grid in blocks], cfg, is_image.device)
-        return scatter_image_flags(is_image, flags)
+        check = DeferredCheck(is_image.sum() != sum(counts), wrong_count)
+        return scatter_image_flags(is_image, flags), [check]
 
     def image_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None = None
@@ -472,7 +524,9 @@ class SkipVisionMixin:
         # only the generated tokens)
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 else None
         whole = next((t for t in (mask, kwargs.get("position_ids"), input_ids) if t is not None), None)
-        if skip_kv_state(past_key_values) is not None and whole is not None:
+        # a continued conversation is checked once, when generate starts: a static cache's length is a device
+        # tensor, and reading it at every decode step would make the host wait for the device each time
+        if is_first_iteration and skip_kv_state(past_key_values) is not None and whole is not None:
             seen = int(past_key_values.get_seq_length())
             if whole.shape[-1] <= seen:
                 raise ValueError(
@@ -561,7 +615,7 @@ class SkipVisionMixin:
         state = skip_kv_state(cache)
         if input_ids is None and inputs_embeds is None:
             raise ValueError("pass input_ids or inputs_embeds")
-        skipped = None
+        skipped, checks = None, []
         if pixel_values is not None:
             # tokens already cached (full coordinates): a prefill has none
             past_length = 0 if cache is None else int(cache.get_seq_length())
@@ -587,7 +641,7 @@ class SkipVisionMixin:
                 visual = self.image_placeholder_mask(input_ids, inputs_embeds)
             if cfg.in_place:
                 # the model's own layout: HF embeds the images and places them; only the skipped tokens are marked
-                skipped = self._in_place_skipped(input_ids, inputs_embeds, pixel_values, image_inputs)
+                skipped, checks = self._in_place_skipped(input_ids, inputs_embeds, pixel_values, image_inputs)
                 kwargs.update(image_inputs)
                 if pixel_values is not None:
                     kwargs["pixel_values"] = pixel_values
@@ -599,7 +653,7 @@ class SkipVisionMixin:
                             f"{name} is not supported by Skip-Vision's full layout; use layout='inplace' "
                             "(which leaves them to the HF model)"
                         )
-                inputs_embeds, skipped, sequences, is_image = self._embed_multimodal(
+                inputs_embeds, skipped, sequences, is_image, checks = self._embed_multimodal(
                     input_ids, pixel_values, inputs_embeds, image_inputs
                 )
                 visual = is_image
@@ -613,14 +667,19 @@ class SkipVisionMixin:
             # a decode step of the full layout: generate passes text positions (see _prepare_position_ids_...)
             position_ids = family.rope_position_ids(self, position_ids)
 
-        has_skipped = skipped is not None and bool(skipped.any())
+        padding = dropped = kept_rows = None
+        has_skipped = False
+        if skipped is not None:
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == skipped.shape:
+                padding = attention_mask == 0
+            # padding columns go with S: no query reads them and no label scores them, so they skip the FFN and
+            # leave the cache too. The host reads their counts once; every layer reuses what follows from them.
+            dropped = skipped if padding is None else skipped | padding
+            kept_rows, skipped_total = read_prefill_counts(dropped, skipped, checks)
+            has_skipped = skipped_total > 0
         prunes = has_skipped and cfg is not None and cfg.skip_kv_cache and not self.training and use_cache is not False
-        padding = None
-        if isinstance(attention_mask, torch.Tensor) and skipped is not None and attention_mask.shape == skipped.shape:
-            padding = attention_mask == 0
         if has_skipped:
-            # padding rows skip the FFN too: no query reads them and no label scores them, so only wasted work goes
-            kwargs[FFN_ROWS_KWARG] = ffn_rows(skipped if padding is None else skipped | padding)
+            kwargs[FFN_ROWS_KWARG] = ffn_rows(dropped, sum(kept_rows))
             prompt_length = self._skip_vision_prompt_length
             if prunes and prompt_length is not None and skipped.shape[1] > prompt_length:
                 # a prefill that carries drafted tokens (assisted decoding): they must not see S, as when decoded
@@ -669,8 +728,7 @@ class SkipVisionMixin:
         else:
             returned = outputs.past_key_values
         if prunes and isinstance(returned, Cache):
-            # padding columns go too: no query ever reads them
-            prune_skipped_kv(returned, skipped if padding is None else skipped | padding)
+            prune_skipped_kv(returned, dropped, kept_rows)
         if plan is not None and plan.index and isinstance(returned, Cache) and not self.training:
             llm_drop.attach_state(returned, plan)
         return outputs

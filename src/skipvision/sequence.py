@@ -39,12 +39,14 @@ class ImageTokens:
 class ImageSequence:
     """One image's placeholder embeddings ``(n, d)``, which of them are skipped ``(n,)``, and ``sources (n,)``:
     the visual token each placeholder stands for (retained: itself; merged: the token the others were merged
-    into; summary: the image's centre token). ``extras``: the per-token extras, summary rows zero."""
+    into; summary: the image's centre token). ``extras``: the per-token extras, summary rows zero. ``visual``: the
+    image's visual token count V."""
 
     embeds: torch.Tensor
     skipped: torch.Tensor
     sources: torch.Tensor | None = None
     extras: list[torch.Tensor] = field(default_factory=list)
+    visual: int = 0  # the image's visual token count V (what the vanilla layout gives it)
 
 
 def retained_indices(
@@ -56,9 +58,11 @@ def retained_indices(
         index = torch.arange(eligible, device=device).expand(n, eligible)
         return index[:, :num_retained], index[:, num_retained:]
     top = scores.topk(num_retained, dim=-1).indices.sort(dim=-1).values
-    keep = torch.zeros(n, eligible, dtype=torch.bool, device=device)
-    keep.scatter_(1, top, True)
-    return top, (~keep).nonzero()[:, 1].view(n, eligible - num_retained)
+    keep = torch.zeros(n, eligible, dtype=torch.uint8, device=device)
+    keep.scatter_(1, top, 1)
+    # the rest in ascending order: a stable sort puts the unkept (0) first; a shape known in advance, unlike
+    # nonzero's, so the host never waits for the device here
+    return top, keep.argsort(dim=1, stable=True)[:, : eligible - num_retained]
 
 
 def image_scores(image: ImageTokens, config: SkipVisionConfig) -> torch.Tensor | None:
@@ -138,7 +142,8 @@ def assemble(images: list[ImageTokens], config: SkipVisionConfig, scorer: Summar
         sequences = torch.cat(parts, dim=1)
         extra_sequences = [torch.cat(chunks, dim=1) for chunks in extra_parts]
         for row, index in enumerate(members):
-            out[index] = ImageSequence(sequences[row], flags[row], sources[row], [x[row] for x in extra_sequences])
+            extra_rows = [x[row] for x in extra_sequences]
+            out[index] = ImageSequence(sequences[row], flags[row], sources[row], extra_rows, visual)
     return out  # type: ignore[return-value]
 
 
@@ -148,18 +153,17 @@ def in_place_flags(
     """Skipped flags of the in-place layout for images of ``counts`` tokens with token ``grids`` (row-major order
     of all their placeholders): every token not retained by the selection. Needs no features (grid, random or
     position selection)."""
-    flags = []
     strategy = selection_strategy(config.selection)
     if strategy.needs_cls:
         raise ValueError(
             "the in-place layout selects before the tower runs, so it takes selection='grid', 'random' or "
             f"'position', not {config.selection!r}"
         )
-    for count, grid in zip(counts, grids):
+    blocks: dict[tuple, torch.Tensor] = {}  # images of one shape share their flags: computed once per shape
+    for count, grid in set(zip(counts, grids)):
         retained = config.retained_count(count)
         scores = strategy.tower_free_scores(count, grid, device)
         keep, _ = retained_indices(count, retained, None if scores is None else scores[None], 1, device)
-        image = torch.ones(count, dtype=torch.bool, device=device)
-        image[keep[0]] = False
-        flags.append(image)
+        blocks[count, grid] = torch.ones(count, dtype=torch.bool, device=device).index_fill_(0, keep[0], False)
+    flags = [blocks[count, grid] for count, grid in zip(counts, grids)]
     return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool, device=device)

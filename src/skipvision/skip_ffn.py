@@ -91,6 +91,10 @@ def enable_skip_ffn(layers: nn.ModuleList, skip_layers: tuple[int, ...] | None) 
         layer.skip_ffn = index in chosen
 
 
-def ffn_rows(skipped: torch.Tensor) -> torch.Tensor:
-    """Flat row indices of ``skipped (batch, seq)`` that are *not* skipped, i.e. that run the FFN."""
-    return (~skipped).flatten().nonzero().squeeze(1)
+def ffn_rows(skipped: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """Flat row indices of ``skipped (batch, seq)`` that are *not* skipped, i.e. that run the FFN. With their
+    ``count`` known on the host, the indices come without the host waiting for the device (``nonzero_static``)."""
+    keep = (~skipped).flatten()
+    if count is None:
+        return keep.nonzero().squeeze(1)
+    return torch.nonzero_static(keep, size=count).squeeze(1)

@@ -70,8 +70,9 @@ class SkipKVState:
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2:
             # a 4-D mask (or HF's per-layer-type dict of them) is the caller's own, already in cache coordinates
             return attention_mask
-        # checked eagerly only: a static cache's length is a tensor, and a compiled step must not branch on it
-        if not torch.compiler.is_compiling():
+        # checked where the length is a host number only: a static cache's is a device tensor, which a compiled step
+        # must not branch on and an eager one would wait for
+        if not torch.compiler.is_compiling() and not isinstance(cache_length, torch.Tensor):
             full = self.full_length(cache_length, query_length)
             if attention_mask.shape[1] != full:
                 raise ValueError(
@@ -216,22 +217,28 @@ def skip_kv_state(cache: Cache | None) -> SkipKVState | None:
     return getattr(cache, STATE_ATTR, None)
 
 
-def prune_skipped_kv(cache: Cache, skipped: torch.Tensor) -> SkipKVState:
+def prune_skipped_kv(cache: Cache, skipped: torch.Tensor, kept_counts: list[int] | None = None) -> SkipKVState:
     """Remove the columns marked in ``skipped (batch, L)`` from every layer of ``cache``, in place.
 
     Kept entries are copied bitwise (post-RoPE keys), in their original order. The cache keeps the width of the
     row with the most kept entries. The model also marks left-padding columns, which no query reads, so a short
-    prompt batched with a long one does not widen the cache.
+    prompt batched with a long one does not widen the cache. ``kept_counts``: each row's kept columns, when the
+    host has them already (the model reads them once per prefill); otherwise they are read here.
+
+    Each layer costs one gather per keys/values tensor, plus one masked fill when rows keep different counts.
     """
     if skip_kv_state(cache) is not None:
         raise ValueError("this cache was already pruned by Skip KV-cache; prefill a new cache for new images")
     batch, length = skipped.shape
+    if kept_counts is None:
+        kept_counts = (~skipped).sum(dim=1).tolist()
     # kept columns first, in original order; the tail of shorter rows points at skipped columns (masked, zeroed)
-    kept_index, slot_valid = compact_slots(~skipped)
+    kept_index, slot_valid = compact_slots(~skipped, kept_counts)
     num_slots = kept_index.shape[1]
+    all_valid = min(kept_counts) == num_slots
     # rows with fewer kept entries than the widest: their tail slots point at skipped columns, which may hold NaN/inf
-    # and must not leak into the masked slots, so they are zeroed (only those slots are touched)
-    short_rows = [(row, count) for row, count in enumerate(slot_valid.sum(dim=1).tolist()) if count < num_slots]
+    # and must not leak into the masked slots, so they are zeroed (a fill, not a product: NaN * 0 is NaN)
+    invalid = None if all_valid else ~slot_valid[:, None, :, None]
     for layer_idx, layer in enumerate(cache.layers):
         if type(layer) not in (DynamicLayer, StaticLayer):
             raise NotImplementedError(
@@ -241,9 +248,9 @@ def prune_skipped_kv(cache: Cache, skipped: torch.Tensor) -> SkipKVState:
             )
         if not layer.is_initialized or layer.keys.numel() == 0:
             continue
-        if int(layer.get_seq_length()) != length:
+        if isinstance(layer, DynamicLayer) and layer.keys.shape[-2] != length:
             raise ValueError(
-                f"cache layer {layer_idx} holds {int(layer.get_seq_length())} positions but the prompt has {length}; "
+                f"cache layer {layer_idx} holds {layer.keys.shape[-2]} positions but the prompt has {length}; "
                 "Skip KV-cache pruning runs right after the prefill of an empty cache"
             )
         for name in ("keys", "values"):
@@ -251,8 +258,8 @@ def prune_skipped_kv(cache: Cache, skipped: torch.Tensor) -> SkipKVState:
             heads, dim = stored.shape[1], stored.shape[-1]
             index = kept_index[:, None, :, None].expand(batch, heads, num_slots, dim)
             kept = stored[:, :, :length].gather(2, index)
-            for row, count in short_rows:
-                kept[row, :, count:] = 0
+            if invalid is not None:
+                kept.masked_fill_(invalid, 0)
             if isinstance(layer, StaticLayer):  # compact in place: a static cache keeps its tensors' addresses
                 stored[:, :, :num_slots].copy_(kept)
                 stored[:, :, num_slots:length].zero_()
@@ -260,7 +267,7 @@ def prune_skipped_kv(cache: Cache, skipped: torch.Tensor) -> SkipKVState:
                 setattr(layer, name, kept)
         if isinstance(layer, StaticLayer):
             layer.cumulative_length.fill_(num_slots)
-    state = SkipKVState(length, kept_index, slot_valid, all_slots_valid=bool(slot_valid.all()))
+    state = SkipKVState(length, kept_index, slot_valid, all_slots_valid=all_valid)
     setattr(cache, STATE_ATTR, state)
     cache.__class__ = _pruned_cache_class(type(cache))
     return state

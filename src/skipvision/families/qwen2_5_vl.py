@@ -16,6 +16,7 @@ Layouts:
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -24,6 +25,7 @@ from transformers import PretrainedConfig, ProcessorMixin, Qwen2_5_VLForConditio
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from ..config import SkipVisionConfig, VisionFacts
+from ..layout import host_to_device
 from ..model import Family, SkipVisionMixin
 from ..sequence import ImageSequence, ImageTokens
 from .processor import expand_image_tokens, load_image_only, save_image_only
@@ -132,46 +134,55 @@ class QwenVLFamily(Family):
         device = is_image.device
         valid = torch.ones_like(is_image) if attention_mask is None else attention_mask.bool()
         grids = image_inputs.get("image_grid_thw")
-        visual = [] if grids is None else (grids.prod(-1) // self.merge_size(model.config) ** 2).tolist()
-        # the sequence the vanilla processor would have written: each image span as its V visual tokens; walked by
-        # runs of text / placeholder tokens (a run of placeholders may hold several adjacent images)
+        visual = [s.visual for s in sequences]
+        # The layout is planned on the host from one read of the placeholder and padding masks and of the
+        # placeholders' sources, so the walk below makes the host wait for the device once, not per run.
         spans = [s.sources.shape[0] for s in sequences]
-        types, gathers, image = [], [], 0
-        for b in range(batch):
-            flags = is_image[b][valid[b]]
-            edges = [0, *((flags[1:] != flags[:-1]).nonzero().squeeze(1) + 1).tolist(), flags.numel()]
+        masks = torch.stack([is_image, valid]).long().flatten()
+        host = torch.cat([masks, *(s.sources for s in sequences)]).tolist()
+        host_image = [host[b * length : (b + 1) * length] for b in range(batch)]
+        host_valid = [host[(batch + b) * length : (batch + b + 1) * length] for b in range(batch)]
+        sources = host[2 * batch * length :]
+        offsets = list(itertools.accumulate(spans, initial=0))
+        # the sequence the vanilla processor would have written: each image span as its V visual tokens; walked by
+        # runs of text / placeholder tokens (a run of placeholders may hold several adjacent images).
+        # gather[b][k]: the vanilla position index of sample b's k-th real (unpadded) token
+        types: list[list[int]] = []
+        gather: list[list[int]] = []
+        image = 0
+        for flags_row, valid_row in zip(host_image, host_valid):
+            flags = [flag for flag, real in zip(flags_row, valid_row) if real]
             row_types: list[int] = []
-            row_gather: list[torch.Tensor] = []
-            for start, end in zip(edges[:-1], edges[1:]):
-                if not bool(flags[start]):
-                    row_gather.append(torch.arange(len(row_types), len(row_types) + end - start))
-                    row_types.extend([0] * (end - start))
+            row_gather: list[int] = []
+            k = 0
+            while k < len(flags):
+                if not flags[k]:
+                    row_gather.append(len(row_types))
+                    row_types.append(0)
+                    k += 1
                     continue
-                while start < end:
-                    row_gather.append(len(row_types) + sequences[image].sources.cpu())
-                    row_types.extend([1] * int(visual[image]))
-                    start += spans[image]
-                    image += 1
+                row_gather.extend(len(row_types) + src for src in sources[offsets[image] : offsets[image + 1]])
+                row_types.extend([1] * int(visual[image]))
+                k += spans[image]
+                image += 1
             types.append(row_types)
-            gathers.append(torch.cat(row_gather) if row_gather else torch.zeros(0, dtype=torch.long))
+            gather.append(row_gather)
         width = max(len(t) for t in types)
-        expanded_types = torch.zeros(batch, width, dtype=torch.long)
-        expanded_mask = torch.zeros(batch, width, dtype=torch.long)
-        for b, row in enumerate(types):
-            expanded_types[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-            expanded_mask[b, : len(row)] = 1
-        if grids is not None and bool(expanded_types.any()):
+        expanded_types = host_to_device([row + [0] * (width - len(row)) for row in types], device)
+        expanded_mask = host_to_device([[1] * len(row) + [0] * (width - len(row)) for row in types], device)
+        if grids is not None and any(1 in row for row in types):
             vanilla_positions, _ = model.model.get_rope_index(
-                expanded_types.to(device),
-                mm_token_type_ids=expanded_types.to(device),
-                image_grid_thw=grids,
-                attention_mask=expanded_mask.to(device),
+                expanded_types, mm_token_type_ids=expanded_types, image_grid_thw=grids, attention_mask=expanded_mask
             )
         else:
-            vanilla_positions = expanded_mask.cumsum(-1).sub(1).clamp_min(0).unsqueeze(0).expand(3, -1, -1).to(device)
-        positions = torch.zeros(3, batch, length, dtype=torch.long, device=device)
-        for b in range(batch):
-            positions[:, b, valid[b]] = vanilla_positions[:, b, gathers[b].to(device)]
+            vanilla_positions = expanded_mask.cumsum(-1).sub(1).clamp_min(0).unsqueeze(0).expand(3, -1, -1)
+        # every real token's vanilla position, placed at its column: one gather and one scatter for the batch
+        columns = [b * length + c for b, row in enumerate(host_valid) for c, real in enumerate(row) if real]
+        picks = [b * width + k for b, row in enumerate(gather) for k in row]
+        index = host_to_device(columns + picks, device)
+        flat = vanilla_positions.reshape(3, batch * width).index_select(1, index[len(columns) :])
+        positions = torch.zeros(3, batch * length, dtype=torch.long, device=device)
+        positions = positions.index_copy(1, index[: len(columns)], flat).view(3, batch, length)
         text = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
         # the next position after the prompt: max + 1 on the rope axes, the token count on the text axis
         top = positions.masked_fill(~valid.unsqueeze(0), -1).amax(dim=(0, 2))
