@@ -110,6 +110,22 @@ def test_static_cache_equals_dynamic_cache():
     state = skipvision.skip_kv_state(static.past_key_values)
     assert skipvision.cache_slots(static.past_key_values) == state.num_slots + 5  # compacted, then 5 decode steps
     assert int(static.past_key_values.get_seq_length()) == ids.shape[1] + 5
+    # the static cache shrank to the pruned prompt plus the room for new tokens: a decode step reads only that
+    full = static.past_key_values.layers[0].skip_vision_full_max_cache_len
+    assert full >= ids.shape[1] + 5
+    assert static.past_key_values.layers[0].keys.shape[2] == state.num_slots + (full - ids.shape[1])
+    # a user's static cache, reused: reset gives it back its full size for the next prompt. Every sample has images
+    # here, so every row loses tokens and the cache shrinks
+    ids, mask, pixels = prompts([1, 2], CFG, [2, 7], [9, 3])
+    inputs.update(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 6)
+    first = model.generate(**inputs, past_key_values=cache)
+    state = skipvision.skip_kv_state(cache)
+    assert state.num_slots < ids.shape[1] and cache.layers[0].keys.shape[2] == state.num_slots + 6
+    cache.reset()
+    again = model.generate(**inputs, past_key_values=cache)
+    assert torch.equal(first.sequences, again.sequences)
+    assert torch.equal(first.sequences, model.generate(**inputs).sequences)
 
 
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])

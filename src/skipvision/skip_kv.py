@@ -139,6 +139,12 @@ class PrunedCacheMixin(RowStateCacheMixin):
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return super().get_seq_length(layer_idx)
 
+    def reset(self) -> None:
+        super().reset()
+        for layer in self.layers:
+            if isinstance(layer, StaticLayer):
+                _restore_static_layer(layer)
+
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens seen (a positive value: the length to keep, as older
         transformers pass it). Generated tokens go as in any cache; a crop into the prompt (assisted decoding
@@ -181,6 +187,26 @@ def _keep_slots(layer: DynamicLayer | StaticLayer, source: torch.Tensor, num_slo
 @memoize
 def _pruned_cache_class(base: type) -> type:
     return type(base.__name__, (PrunedCacheMixin, base), {"__module__": base.__module__})
+
+
+def _shrink_static_layer(layer: StaticLayer, num_slots: int) -> None:
+    """Finish resizing a static layer whose keys and values were just replaced by smaller ones."""
+    layer.skip_vision_full_max_cache_len = getattr(layer, "skip_vision_full_max_cache_len", layer.max_cache_len)
+    layer.max_cache_len = layer.keys.shape[2]
+    layer.cumulative_length.fill_(num_slots)
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(layer.keys)
+        torch._dynamo.mark_static_address(layer.values)
+
+
+def _restore_static_layer(layer: StaticLayer) -> None:
+    """An emptied static layer gets its full size back (allocated at its next prefill), so a reused cache holds the
+    next prompt."""
+    full = getattr(layer, "skip_vision_full_max_cache_len", None)
+    if full is not None:
+        layer.max_cache_len = full
+        layer.is_initialized = False
+        del layer.skip_vision_full_max_cache_len
 
 
 def cache_slots(cache: Cache, layer_idx: int = 0) -> int:
@@ -260,13 +286,18 @@ def prune_skipped_kv(cache: Cache, skipped: torch.Tensor, kept_counts: list[int]
             kept = stored[:, :, :length].gather(2, index)
             if invalid is not None:
                 kept.masked_fill_(invalid, 0)
-            if isinstance(layer, StaticLayer):  # compact in place: a static cache keeps its tensors' addresses
-                stored[:, :, :num_slots].copy_(kept)
-                stored[:, :, num_slots:length].zero_()
+            if isinstance(layer, StaticLayer):
+                # a static cache shrinks to the pruned prompt plus the room left for new tokens, so every compiled
+                # decode step reads only what the cache holds; the new tensors get fixed addresses before the
+                # first decode step is compiled (the prefill is never compiled)
+                room = stored.shape[2] - length
+                resized = stored.new_zeros(batch, heads, num_slots + room, dim)
+                resized[:, :, :num_slots] = kept
+                setattr(layer, name, resized)
             else:
                 setattr(layer, name, kept)
         if isinstance(layer, StaticLayer):
-            layer.cumulative_length.fill_(num_slots)
+            _shrink_static_layer(layer, num_slots)
     state = SkipKVState(length, kept_index, slot_valid, all_slots_valid=all_valid)
     setattr(cache, STATE_ATTR, state)
     cache.__class__ = _pruned_cache_class(type(cache))
