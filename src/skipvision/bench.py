@@ -219,14 +219,18 @@ def _train_sampler(model: PreTrainedModel, inputs: dict[str, torch.Tensor], sett
 
 
 def measure_interleaved(
-    built: dict[str, tuple[PreTrainedModel, dict[str, torch.Tensor]]], settings: BenchSettings
+    built: dict[str, tuple[PreTrainedModel, dict[str, torch.Tensor]]],
+    settings: BenchSettings,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Time several (model, inputs) side by side: KV-cache bytes after prefill, then each timed quantity in turn
     (prefill with its tower time, generate, decode step, training step) in ``repeats`` rounds that take one sample
     of every model, so the samples compared are seconds apart and a drift in the machine's speed hits all models
     alike. Medians over the rounds (a duration too short for the clock gives None, never 0); on CUDA, the peak
-    memory of inference and of a training step, net of the other models on the device."""
+    memory of inference and of a training step, net of the other models on the device. ``log`` gets a line per
+    sample taken (a large batch can take minutes per sample: the run is never silent for long)."""
     cuda = settings.device.startswith("cuda")
+    quantities = ("prefill", "generate", "decode")
     results: dict[str, dict[str, Any]] = {name: {} for name in built}
 
     def take(name: str, sampler: Sampler, memory_key: str) -> dict[str, float]:
@@ -241,15 +245,24 @@ def measure_interleaved(
             results[name][memory_key] = max(results[name].get(memory_key, 0), peak)
         return sample
 
-    def rounds(samplers: dict[str, list[Sampler]], memory_key: str) -> None:
+    def logged(name: str, sampler: Sampler, memory_key: str, what: str) -> dict[str, float]:
+        start = time.perf_counter()
+        sample = take(name, sampler, memory_key)
+        if log is not None:
+            log(f"  {what} {name}: {time.perf_counter() - start:.1f} s")
+        return sample
+
+    def rounds(samplers: dict[str, list[Sampler]], memory_key: str, labels: tuple[str, ...]) -> None:
         for index in range(len(next(iter(samplers.values())))):
             for name, own in samplers.items():
-                for _ in range(settings.warmup):
-                    take(name, own[index], memory_key)
+                for w in range(settings.warmup):
+                    logged(name, own[index], memory_key, f"{labels[index]} warm-up {w + 1}/{settings.warmup}")
             samples: dict[str, list[dict[str, float]]] = {name: [] for name in samplers}
-            for _ in range(settings.repeats):
+            for r in range(settings.repeats):
                 for name, own in samplers.items():
-                    samples[name].append(take(name, own[index], memory_key))
+                    samples[name].append(
+                        logged(name, own[index], memory_key, f"{labels[index]} round {r + 1}/{settings.repeats}")
+                    )
             for name, taken in samples.items():
                 for key in taken[0]:
                     values = [sample[key] for sample in taken]
@@ -265,13 +278,14 @@ def measure_interleaved(
             prefilled = model(**prompt, use_cache=True, logits_to_keep=1)
             results[name]["kv_cache_bytes"] = kv_cache_bytes(prefilled.past_key_values)
             samplers[name] = _inference_samplers(model, prompt, prefilled, settings)
-        rounds(samplers, "peak_inference_memory_bytes")
+        rounds(samplers, "peak_inference_memory_bytes", quantities)
     if settings.train:
         for model, _ in built.values():
             model.train()
         rounds(
             {name: [_train_sampler(model, inputs, settings)] for name, (model, inputs) in built.items()},
             "peak_train_memory_bytes",
+            ("train step",),
         )
         for model, _ in built.values():
             model.eval()
@@ -291,17 +305,48 @@ RATIO_KEYS = (
 )
 
 
+def check_settings(settings: BenchSettings) -> None:
+    """Refuse settings that measure nothing or fail deep inside a run, by name."""
+    for name in ("new_tokens", "repeats", "text_tokens"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(settings, name)}")
+    if settings.warmup < 0:
+        raise ValueError(f"warmup must be at least 0, got {settings.warmup}")
+    for name in ("batch_sizes", "dtypes", "tiles"):
+        if not getattr(settings, name):
+            raise ValueError(f"{name} is empty: nothing to measure")
+    if any(b < 1 for b in settings.batch_sizes) or any(t < 0 for t in settings.tiles):
+        raise ValueError(f"batch sizes must be >= 1 and tiles >= 0, got {settings.batch_sizes}, {settings.tiles}")
+    unknown = sorted(set(settings.dtypes) - set(DTYPES))
+    if unknown:
+        raise ValueError(f"unknown dtype(s) {unknown}; choose from {sorted(DTYPES)}")
+
+
 def run(
-    base: PreTrainedModel, processor: ProcessorMixin, skip: SkipVisionConfig, settings: BenchSettings
+    base: PreTrainedModel,
+    processor: ProcessorMixin,
+    skip: SkipVisionConfig | None,
+    settings: BenchSettings,
+    log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Benchmark every (dtype, tiles, batch, variant); rows carry ratios against vanilla of the same setting."""
+    """Benchmark every (dtype, tiles, batch, variant); rows carry ratios against vanilla of the same setting.
+    ``log`` gets a line per setting and per timed sample (progress; the CLI prints it to stderr)."""
+    if skip is None:
+        raise ValueError("the bench measures a Skip-Vision setting against vanilla; give one (not None)")
+    check_settings(settings)
     torch.manual_seed(0)
+    clock = time.perf_counter()
     rows = []
     for dtype_name in settings.dtypes:
         dtype = DTYPES[dtype_name]
         for tiles in settings.tiles:
             image_size = image_size_for_tiles(base.config, tiles, settings.image_size)
             for batch in settings.batch_sizes:
+                if log is not None:
+                    log(
+                        f"bench {dtype_name}, tiles {tiles}, batch {batch}: building the 3 variants "
+                        f"({time.perf_counter() - clock:.0f} s so far)"
+                    )
                 measured, built = {}, {}
                 for name, cfg in variants(skip).items():
                     model = convert(copy.deepcopy(base), cfg).to(settings.device, dtype)
@@ -332,7 +377,7 @@ def run(
                         "prefill_language_model_flops": analytic["prefill_language_model"],
                         "train_flops": analytic["train"],
                     }
-                for name, timing in measure_interleaved(built, settings).items():
+                for name, timing in measure_interleaved(built, settings, log).items():
                     measured[name].update(timing)
                     # the part of the prefill that Skip-Vision changes: all but the tower, which every variant runs
                     # alike (time including the embedding, selection and cache pruning; FLOPs of the language model)

@@ -4,23 +4,102 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, NoReturn
 
 from .config import LAYOUTS, MERGES, SkipVisionConfig, in_place_config
 from .selection import SELECTIONS
 
 
+class UsageError(ValueError):
+    """A command line argparse cannot parse (unknown option, bad value); reported like any other bad input."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises instead of printing the usage block and exiting: ``main`` reports
+    every bad input the same way, as one ``error: ...`` line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` once: not for options whose help already says what the default is, nor for flags and
+    options without a default (where argparse would print ``(default: None)`` or ``(default: False)``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        silent = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or silent or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type`` for whole numbers >= ``low``: a zero batch or a negative token count is refused by the
+    option's name before anything runs."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int_at_least_{low}"
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _count_or_fraction(text: str) -> int | float:
     """A token count (``100``) or a fraction of each image's tokens (``0.25``)."""
     try:
-        return int(text)
+        value: int | float = int(text)
     except ValueError:
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a token count or a fraction, got {text!r}") from None
+    if value < 0 or (isinstance(value, float) and not 0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(f"expected a token count >= 0 or a fraction in (0, 1], got {text}")
+    return value
+
+
+def _task_name(text: str) -> str:
+    # the name becomes file names and the lmms-eval task id: no folders, no spaces
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", text) or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"expected letters, digits, '_', '-' or '.', got {text!r}")
+    return text
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (cpu, cuda, cuda:1, ...)") from None
+    return text
 
 
 def _add_skip_vision_args(p: argparse.ArgumentParser) -> None:
@@ -31,17 +110,20 @@ def _add_skip_vision_args(p: argparse.ArgumentParser) -> None:
         type=_count_or_fraction,
         help="N_r: visual tokens with full blocks, or a fraction of each image's (default: the checkpoint's)",
     )
-    g.add_argument("--num-skipped", type=int, help="N_s: skipped tokens after merging (default: the checkpoint's)")
+    g.add_argument(
+        "--num-skipped", type=non_negative_int, help="N_s: skipped tokens after merging (default: the checkpoint's)"
+    )
     g.add_argument(
         "--selection",
         choices=list(SELECTIONS),
-        default="cls_attention",
-        help="how R is chosen among the eligible tokens",
+        help="how R is chosen among the eligible tokens (default: cls_attention; in place: the checkpoint's or grid)",
     )
-    g.add_argument("--merge", choices=MERGES, default="tome", help="how the skip candidates become N_s tokens")
+    g.add_argument("--merge", choices=MERGES, help="how the skip candidates become N_s tokens (default: tome)")
     g.add_argument("--no-summary-tokens", action="store_true", help="leave out sigma_R and sigma_S")
     g.add_argument("--no-skip-kv-cache", action="store_true", help="keep S's keys/values for decoding")
-    g.add_argument("--skip-layers", type=int, nargs="+", help="decoder layers that skip the FFN (default: all)")
+    g.add_argument(
+        "--skip-layers", type=non_negative_int, nargs="+", help="decoder layers that skip the FFN (default: all)"
+    )
     g.add_argument(
         "--layout",
         choices=LAYOUTS,
@@ -52,22 +134,47 @@ def _add_skip_vision_args(p: argparse.ArgumentParser) -> None:
 
 def _skip_vision_from_args(args: argparse.Namespace, default: SkipVisionConfig | None) -> SkipVisionConfig | None:
     if args.vanilla:
+        given = [
+            name
+            for name, value in (
+                ("--num-retained", args.num_retained),
+                ("--num-skipped", args.num_skipped),
+                ("--layout", args.layout),
+                ("--selection", args.selection),
+                ("--merge", args.merge),
+                ("--skip-layers", args.skip_layers),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ValueError(f"--vanilla has no Skip-Vision settings; drop {', '.join(given)}")
         return None
     in_place = getattr(args, "layout", None) == "inplace"
     if in_place:
+        # the in-place layout skips every token it does not retain: a skipped count or a merge would be ignored
+        ignored = [n for n, v in (("--num-skipped", args.num_skipped), ("--merge", args.merge)) if v is not None]
+        if ignored:
+            raise ValueError(
+                f"--layout inplace skips every visual token it does not retain, so it takes no {' or '.join(ignored)}"
+                " (only --num-retained and --selection)"
+            )
         retained = args.num_retained if args.num_retained is not None else getattr(default, "num_retained", None)
         if retained is None:
             raise ValueError("--layout inplace needs --num-retained")
-        selection = args.selection if args.selection != "cls_attention" else getattr(default, "selection", "grid")
+        selection = args.selection or getattr(default, "selection", "grid")
         base = in_place_config(retained, selection)
     elif args.num_retained is None and args.num_skipped is None:
         if default is None:
             raise ValueError("give --num-retained and --num-skipped (or --vanilla)")
         base = default
+        if args.selection is not None or args.merge is not None:
+            base = replace(base, selection=args.selection or base.selection, merge=args.merge or base.merge)
     else:
         if args.num_retained is None or args.num_skipped is None:
             raise ValueError("--num-retained and --num-skipped go together")
-        base = SkipVisionConfig(args.num_retained, args.num_skipped, args.selection, args.merge)
+        base = SkipVisionConfig(
+            args.num_retained, args.num_skipped, args.selection or "cls_attention", args.merge or "tome"
+        )
     return replace(
         base,
         summary_tokens=base.summary_tokens and not args.no_summary_tokens,
@@ -82,15 +189,133 @@ def _checkpoint_skip_vision(model_dir: str) -> SkipVisionConfig | None:
     return checkpoint_skip_vision(model_dir)
 
 
+# --- checks that run before any work: a bad path or checkpoint is refused before data, models or runs are made ---
+def _check_model_dir(path: str, option: str = "--model") -> None:
+    """Refuse a checkpoint that cannot load: no config.json, a model type no family knows, missing, empty or
+    truncated weight files, or a processor that does not load. Reads the config, the weight files' headers and the
+    processor only; the weights themselves load once, later."""
+    from transformers import AutoConfig
+
+    from .api import load_processor
+    from .families import family_for
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{option} {path} is not a checkpoint directory (no config.json there)")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        # HF's config classes fail in these ways on a config.json that does not fit its model_type
+        raise ValueError(f"{option} {path}: cannot read its config.json: {type(error).__name__}: {error}") from error
+    try:
+        family_for(config)
+    except ValueError as error:
+        raise ValueError(f"{option} {path}: {error}") from error
+    _check_weight_files(folder, option)
+    try:
+        load_processor(folder)
+    except (OSError, ValueError, TypeError) as error:  # TypeError: a processor no Skip-Vision family knows
+        raise ValueError(f"{option} {path}: cannot load its processor: {error}") from error
+
+
+def _check_weight_files(folder: Path, option: str) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{option} {folder}: unreadable weight index {index.name} ({error})") from error
+        files = [folder / name for name in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        if any(folder.glob("*.bin")):  # torch pickles: HF checks them when it loads them
+            return
+        raise ValueError(f"{option} {folder}: no weights in it (no *.safetensors file)")
+    for file in files:
+        if not file.is_file():
+            raise ValueError(f"{option} {folder}: weight file {file.name}, listed in {index.name}, is missing")
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"{option} {folder}: {file.name} is not a complete safetensors file ({error}); it may be truncated, "
+                "empty or still being written"
+            ) from error
+
+
+def _check_data(path: str, option: str = "--data") -> None:
+    from .data import load_records
+
+    try:
+        load_records(path)
+    except ValueError as error:
+        raise ValueError(f"{option}: {error}") from error
+
+
+def _check_out_dir(path: str, option: str = "--out") -> None:
+    from .train import check_writable_dir
+
+    check_writable_dir(Path(path), option)
+
+
+def _check_out_file(path: str, option: str = "--out") -> None:
+    """Refuse an output file that cannot be written before the work whose result it would hold."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name")
+    if not target.parent.is_dir():
+        raise ValueError(f"{option} {path}: {target.parent} is not an existing folder")
+    existed = target.exists()
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as error:
+        raise ValueError(f"{option} {path} cannot be written: {error.strerror or error}") from error
+    if not existed:
+        target.unlink()
+
+
+def _check_device(device: str) -> None:
+    """An accelerator the machine has, named before a model is built for it."""
+    import torch
+
+    kind = torch.device(device)
+    if kind.type == "cpu":
+        return
+    backend = getattr(torch, kind.type, None)
+    if not getattr(backend, "is_available", lambda: False)():
+        built = f", torch {torch.__version__} without CUDA" if kind.type == "cuda" and not torch.version.cuda else ""
+        raise ValueError(f"--device {device}: no {kind.type} device is available on this machine{built}")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if kind.index is not None and kind.index >= count:
+        raise ValueError(f"--device {device}: this machine has {count} {kind.type} device(s)")
+
+
+def _write_out(path: str, data: Any) -> None:
+    try:
+        Path(path).write_text(json.dumps(data, indent=1))
+    except OSError as error:  # checked writable at the start; a full disk can still fail here
+        raise ValueError(f"cannot write --out {path}: {error.strerror or error}") from error
+
+
+# --- commands -----------------------------------------------------------------------------------------------------
 def cmd_init_model(args: argparse.Namespace) -> None:
     from .presets import init_model
 
+    _check_out_dir(args.out)
     print(init_model(args.preset, args.out, seed=args.seed))
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
     from .data import make_dataset
 
+    if args.n < 2:  # make_dataset says so too, but only after the folder exists
+        raise ValueError(f"make_dataset needs n >= 2 records (one at least for each split), got n={args.n}")
+    _check_out_dir(args.out)
     for path in make_dataset(args.out, n=args.n, seed=args.seed, image_size=args.image_size):
         print(path)
 
@@ -98,6 +323,14 @@ def cmd_make_data(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .train import TrainConfig, train
 
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it; give one of them")
+    lora = _lora_from_args(args)
+    extra_args = _training_args(args.training_args)
+    _check_model_dir(args.model)
+    _check_data(args.data)
+    if args.image_folder and not Path(args.image_folder).is_dir():
+        raise ValueError(f"--image-folder {args.image_folder} is not a folder")
     skip = _skip_vision_from_args(args, _checkpoint_skip_vision(args.model))
     summary = train(
         TrainConfig(
@@ -120,8 +353,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             overwrite=args.overwrite,
             skip_bad_records=args.skip_bad_records,
             allow_outside_image_folder=args.allow_outside_image_folder,
-            lora=_lora_from_args(args),
-            extra_args=_training_args(args.training_args),
+            lora=lora,
+            extra_args=extra_args,
         )
     )
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
@@ -130,6 +363,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_lmms_eval_task(args: argparse.Namespace) -> None:
     from .lmms_eval_task import write_task
 
+    _check_data(args.data)
+    _check_out_dir(args.out)
     task = write_task(args.data, args.out, args.name, args.image_folder, args.max_new_tokens)
     folder = args.image_folder or Path(args.data).parent / "images"
     print(
@@ -163,7 +398,13 @@ def _training_args(value: str | None) -> dict:
     """Extra ``TrainingArguments`` as a JSON object or a path to a JSON file (e.g. fsdp / deepspeed settings)."""
     if not value:
         return {}
-    text = Path(value).read_text() if Path(value).is_file() else value
+    # JSON text is never taken for a file name (a long object is not a valid path on most systems)
+    if value.lstrip().startswith("{"):
+        text = value
+    elif Path(value).is_file():
+        text = Path(value).read_text()
+    else:
+        raise ValueError(f"--training-args {value!r} is neither a JSON object nor an existing JSON file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
@@ -181,6 +422,12 @@ def _training_args(value: str | None) -> dict:
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
 
+    _check_model_dir(args.model)
+    _check_data(args.data)
+    if args.image_folder and not Path(args.image_folder).is_dir():
+        raise ValueError(f"--image-folder {args.image_folder} is not a folder")
+    if args.out:  # before the evaluation: a bad path must not cost the whole run
+        _check_out_file(args.out)
     result = evaluate(
         args.model,
         args.data,
@@ -190,11 +437,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         limit=args.limit,
         allow_outside_image_folder=args.allow_outside_image_folder,
     )
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"accuracy {result['accuracy']:.3f} on {result['count']} questions")
     for kind, acc in result["per_type"].items():
         print(f"  {kind:<14} {acc:.3f}")
+    if args.out:
+        _write_out(args.out, result)
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
@@ -203,6 +450,11 @@ def cmd_flops(args: argparse.Namespace) -> None:
 
     if args.preset not in F.PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(F.PRESETS)}")
+    if args.layout == "inplace" and args.num_skipped is not None:
+        raise ValueError(
+            "--layout inplace skips every visual token it does not retain, so it takes no --num-skipped "
+            "(only --num-retained)"
+        )
     preset = F.PRESETS[args.preset]
     shape = preset.shape_for(args.tiles)
     cfg = preset.skip_vision
@@ -242,9 +494,19 @@ def cmd_flops(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import BenchSettings, format_table, run, scaling_summary
+    from .bench import BenchSettings, format_table, image_size_for_tiles, run, scaling_summary
 
+    if args.vanilla:
+        raise ValueError("bench measures Skip-Vision against vanilla itself; --vanilla leaves nothing to compare")
+    if args.device:
+        _check_device(args.device)
+    if args.model:
+        _check_model_dir(args.model)
+    if args.out:
+        _check_out_file(args.out)
     base, processor, skip, source = _bench_model(args)
+    for tiles in args.tiles:  # before any timing: a tile count the model's grid cannot give
+        image_size_for_tiles(base.config, tiles, args.image_size)
     settings = BenchSettings(
         batch_sizes=tuple(args.batch_sizes),
         dtypes=tuple(args.dtypes),
@@ -257,7 +519,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         image_size=args.image_size,
         **({"device": args.device} if args.device else {}),
     )
-    rows = run(base, processor, skip, settings)
+    rows = run(base, processor, skip, settings, log=lambda message: print(message, file=sys.stderr, flush=True))
     print(
         f"# skipvision bench: {source}, N_r={skip.num_retained} N_s={skip.num_skipped} ({skip.layout} layout), "
         f"device {settings.device}, "
@@ -272,31 +534,29 @@ def cmd_bench(args: argparse.Namespace) -> None:
             f"Skip-Vision / vanilla: " + ", ".join(parts)
         )
     if args.out:
-        Path(args.out).write_text(
-            json.dumps({"source": source, "skip_vision": skip.to_dict(), "rows": rows, "scaling": scaling}, indent=1)
-        )
+        _write_out(args.out, {"source": source, "skip_vision": skip.to_dict(), "rows": rows, "scaling": scaling})
 
 
 def _bench_model(args: argparse.Namespace):
     from .api import family_of, load_processor
     from .config import vanilla_config
+    from .evaluate import loading_checkpoint
     from .presets import build_model, build_processor, build_tokenizer, get_preset, tokenizer_corpus
 
     if args.model:
         from transformers import AutoConfig
 
-        family = family_of(AutoConfig.from_pretrained(args.model))
-        base = family.hf_class.from_pretrained(args.model)
         skip = _skip_vision_from_args(args, _checkpoint_skip_vision(args.model))
-        if skip is None:
-            raise ValueError("bench compares against vanilla itself; give the Skip-Vision setting")
+        family = family_of(AutoConfig.from_pretrained(args.model))
+        with loading_checkpoint(args.model):
+            base = family.hf_class.from_pretrained(args.model)
         processor = load_processor(args.model, vanilla_config())
         layers = base.config.get_text_config().num_hidden_layers
         return base, processor, skip, f"model {args.model} ({family.name}, {layers} layers)"
     preset = get_preset(args.preset)
+    skip = _skip_vision_from_args(args, preset.skip_vision)
     tokenizer = build_tokenizer(tokenizer_corpus(), family=preset.family)
     base = build_model(preset, tokenizer)
-    skip = _skip_vision_from_args(args, preset.skip_vision)
     return base, build_processor(preset, tokenizer), skip, f"preset {args.preset} ({preset.family}, random weights)"
 
 
@@ -311,6 +571,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError("give --prompt (with --image for each image), or --batch FILE")
     else:
         requests = [Request(args.image or [], args.prompt)]
+    _check_model_dir(args.model)
     result = generate(
         args.model, requests, max_new_tokens=args.max_new_tokens, skip_kv_cache=False if args.no_skip_kv_cache else None
     )
@@ -318,7 +579,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"{request.prompt!r} -> {answer}")
     print(
         f"prompt {result['prompt_tokens']} tokens x {len(requests)}, {result['new_tokens']} new tokens; "
-        f"prefill {1e3 * result['prefill_seconds']:.1f} ms, generate {1e3 * result['generate_seconds']:.1f} ms; "
+        f"prefill {1e3 * result['prefill_seconds']:.1f} ms (after one untimed warm-up prefill), "
+        f"generate {1e3 * result['generate_seconds']:.1f} ms; "
         f"KV cache after prefill {result['kv_cache_bytes_after_prefill'] / 1024:.1f} KiB"
     )
 
@@ -326,34 +588,73 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import demo
 
+    _check_out_dir(args.out)
     demo(out=args.out, preset=args.preset, steps=args.steps, seed=args.seed, num_examples=args.n)
 
 
-def cmd_compare(args: argparse.Namespace) -> None:
-    from .compare import ABLATIONS, METHODS, REGIMES, CompareSettings, compare, quick
+def _fine_tune_budgets(values: list[str] | None, budgets: tuple[float, ...]) -> tuple[float, ...] | None:
+    """``--fine-tune-budgets``: ``all`` (None), or values that must be among ``budgets``; by default the middle
+    budget (0.4 of the default 0.25 0.4 0.6)."""
+    if values is None:
+        return (sorted(budgets)[len(budgets) // 2],)
+    if values == ["all"]:
+        return None
+    chosen = []
+    for text in values:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"--fine-tune-budgets takes budgets or 'all', got {text!r}") from None
+        match = [b for b in budgets if abs(b - value) <= 1e-9]
+        if not match:
+            raise ValueError(
+                f"--fine-tune-budgets {text} is not one of --budgets {' '.join(f'{b:g}' for b in budgets)}: no "
+                "fine-tuned row would run at it"
+            )
+        chosen.append(match[0])
+    return tuple(chosen)
 
-    unknown = sorted(set(args.methods) - set(METHODS)) + sorted(set(args.regimes) - set(REGIMES))
-    if unknown:
-        raise ValueError(f"unknown method or regime {unknown}; methods: {list(METHODS)}, regimes: {list(REGIMES)}")
-    if any(not 0.0 < b <= 1.0 for b in args.budgets):
-        raise ValueError(f"--budgets are fractions of vanilla's prefill FLOPs in (0, 1], got {args.budgets}")
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import ABLATIONS, CompareSettings, check_settings, compare, quick
+
+    # options left out take the full run's defaults, or with --quick the quick run's; options given always win
+    given: dict[str, Any] = {}
+    for option, field in (
+        ("budgets", "budgets"),
+        ("methods", "methods"),
+        ("regimes", "regimes"),
+        ("steps", "steps"),
+        ("n", "num_examples"),
+    ):
+        if getattr(args, option) is not None:
+            value = getattr(args, option)
+            given[field] = tuple(value) if isinstance(value, list) else value
+    if args.eval_limit is not None:
+        given["eval_limit"] = args.eval_limit or None
     settings = CompareSettings(
         out=Path(args.out),
         preset=args.preset,
-        budgets=tuple(args.budgets),
-        methods=tuple(args.methods),
-        regimes=tuple(args.regimes),
-        fine_tune_budgets=None if args.fine_tune_budgets == ["all"] else tuple(map(float, args.fine_tune_budgets)),
         ablations=ABLATIONS if args.ablations == [] else tuple(args.ablations or ()),
-        steps=args.steps,
-        num_examples=args.n,
-        eval_limit=args.eval_limit or None,
         seed=args.seed,
         model=Path(args.model) if args.model else None,
         train_data=Path(args.data) if args.data else None,
         test_data=Path(args.test_data) if args.test_data else None,
     )
-    compare(quick(settings) if args.quick else settings)
+    if args.quick:
+        settings = quick(settings, keep=frozenset(given))
+    settings = replace(settings, **given)
+    if args.fine_tune_budgets is not None and "fine-tuned" not in settings.regimes:
+        raise ValueError("--fine-tune-budgets needs the fine-tuned regime in --regimes")
+    settings = replace(settings, fine_tune_budgets=_fine_tune_budgets(args.fine_tune_budgets, settings.budgets))
+    check_settings(settings)
+    if args.model:
+        _check_model_dir(args.model)
+    for option, path in (("--data", args.data), ("--test-data", args.test_data)):
+        if path:
+            _check_data(path, option)
+    _check_out_dir(args.out)
+    compare(settings)
 
 
 def _add_data_args(p: argparse.ArgumentParser, model_help: str) -> None:
@@ -369,13 +670,14 @@ def _add_data_args(p: argparse.ArgumentParser, model_help: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .compare import FULL_DEFAULTS, QUICK
     from .flops import DEFAULT_TEXT_TOKENS
     from .flops import PRESETS as FLOPS_PRESETS
     from .presets import MODEL_PRESETS
 
     presets = sorted(MODEL_PRESETS)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="skipvision", description=__doc__, formatter_class=fmt)
+    fmt = _HelpFormatter
+    parser = _Parser(prog="skipvision", description=__doc__, formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"skipvision {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add = lambda name, **kw: sub.add_parser(name, formatter_class=fmt, **kw)  # noqa: E731
@@ -390,23 +692,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for train.json, test.json and images/")
     p.add_argument("--n", type=int, default=2000, help="records to generate (at least 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the scenes and questions")
-    p.add_argument("--image-size", type=int, default=168, help="scene size in pixels (336 gives tiny-next 2x2 tiles)")
+    p.add_argument(
+        "--image-size",
+        type=_int_at_least(MIN_IMAGE_SIZE),
+        default=168,
+        help="scene size in pixels (336 gives tiny-next 2x2 tiles)",
+    )
     p.set_defaults(func=cmd_make_data)
 
     p = add("train", help="fine-tune a checkpoint with (or without) Skip-Vision on HF Trainer")
     _add_data_args(p, "checkpoint directory (vanilla or Skip-Vision) with its processor")
     p.add_argument("--out", required=True, help="output folder of the run (checkpoints, final/, summary)")
     p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
-    p.add_argument("--resume", action="store_true", help="continue this run from its last checkpoint in --out")
-    p.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=8, help="per-device batch size")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue this run from its last checkpoint in --out; give the run's own settings again (a changed "
+        "setting is refused)",
+    )
+    p.add_argument("--max-steps", type=positive_int, default=100, help="optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="per-device batch size")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (cosine schedule)")
     p.add_argument("--bf16", action="store_true", help="train in bf16 mixed precision")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
-    p.add_argument("--save-steps", type=int, default=50, help="write a checkpoint every N steps")
-    p.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps")
-    p.add_argument("--max-length", type=int, default=1024, help="longest tokenised conversation; longer are cut")
+    p.add_argument("--save-steps", type=positive_int, default=50, help="write a checkpoint every N steps")
+    p.add_argument("--logging-steps", type=positive_int, default=10, help="log the loss every N steps")
+    p.add_argument(
+        "--max-length", type=positive_int, default=1024, help="longest tokenised conversation; longer are cut"
+    )
     p.add_argument("--train-vision-tower", action="store_true", help="also train the tower (default: frozen)")
     p.add_argument("--skip-bad-records", action="store_true", help="drop records that cannot be read, with a warning")
     p.add_argument("--training-args", help="extra TrainingArguments, JSON or a JSON file (fsdp, deepspeed, ...)")
@@ -416,9 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA on the language model (PEFT; projector and summary scorer fully trained); saves final_adapter/ "
         "and the merged model in final/",
     )
-    p.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
-    p.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 32)")
-    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
+    p.add_argument("--lora-r", type=positive_int, help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=positive_int, help="LoRA alpha (default 32)")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout in [0, 1) (default 0.05)")
     p.add_argument("--lora-targets", help="comma-separated module names (default: q,k,v,o,gate,up,down _proj)")
     _add_skip_vision_args(p)
     p.set_defaults(func=cmd_train)
@@ -426,26 +740,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("lmms-eval-task", help="write an lmms-eval task (YAML + docs) for a LLaVA JSON file, for --include_path")
     p.add_argument("--data", required=True, help="LLaVA JSON with one question and answer per record")
     p.add_argument("--out", required=True, help="folder for the task files (pass it to lmms-eval --include_path)")
-    p.add_argument("--name", default="skipvision_shapes", help="the task name for lmms-eval --tasks")
+    p.add_argument("--name", type=_task_name, default="skipvision_shapes", help="the task name for lmms-eval --tasks")
     p.add_argument("--image-folder", help="default: images/ next to the JSON file")
-    p.add_argument("--max-new-tokens", type=int, default=4, help="greedy tokens per answer (as skipvision eval)")
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=4, help="greedy tokens per answer (as skipvision eval)"
+    )
     p.set_defaults(func=cmd_lmms_eval_task)
 
     p = add("eval", help="exact-match accuracy with generate (a vanilla checkpoint is the baseline)")
     _add_data_args(p, "checkpoint directory (a vanilla one is evaluated as the baseline)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
-    p.add_argument("--limit", type=int, help="evaluate only the first N records (N >= 1)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generate call")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N records (N >= 1)")
     p.add_argument("--no-skip-kv-cache", action="store_true", help="decode with the full cache (w/o SK ablation)")
-    p.add_argument("--out", help="write predictions and scores as JSON")
+    p.add_argument("--out", help="write predictions and scores as JSON (checked writable before the evaluation)")
     p.set_defaults(func=cmd_eval)
 
     p = add("flops", help="analytic FLOPs of the paper's models, vanilla vs Skip-Vision")
     p.add_argument("--preset", required=True, choices=sorted(FLOPS_PRESETS), help="model geometry")
     p.add_argument("--num-retained", type=_count_or_fraction, help="override N_r (a count or a fraction)")
-    p.add_argument("--num-skipped", type=int, help="override N_s")
+    p.add_argument("--num-skipped", type=non_negative_int, help="override N_s (full layout only)")
     p.add_argument("--layout", choices=LAYOUTS, default="full", help="Skip-Vision layout (inplace: skip in place)")
-    p.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="prompt text tokens")
-    p.add_argument("--new-tokens", type=int, default=0, help="also count this many decode steps")
+    p.add_argument("--text-tokens", type=non_negative_int, default=DEFAULT_TEXT_TOKENS, help="prompt text tokens")
+    p.add_argument("--new-tokens", type=non_negative_int, default=0, help="also count this many decode steps")
     p.add_argument(
         "--tiles",
         type=int,
@@ -456,30 +772,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=cmd_flops)
 
-    p = add("bench", help="latency/memory benchmark, vanilla vs Skip-Vision side by side")
+    p = add("bench", help="latency/memory benchmark, vanilla vs Skip-Vision side by side (progress on stderr)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="a checkpoint directory (its own weights)")
     src.add_argument("--preset", default="tiny", choices=presets, help="a model preset with random weights")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4], help="batch sizes to measure")
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 4], help="batch sizes to measure")
     p.add_argument(
         "--tiles",
-        type=int,
+        type=non_negative_int,
         nargs="+",
         default=[0],
         help="anyres families: tile counts to measure (image sized to give them); 0 = no tiling",
     )
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32"], help="dtypes to measure")
-    p.add_argument("--new-tokens", type=int, default=16, help="decode steps per generate / decode timing")
+    p.add_argument("--new-tokens", type=positive_int, default=16, help="decode steps per generate / decode timing")
     p.add_argument(
-        "--repeats", type=int, default=3, help="timed rounds, the variants interleaved in each (the median is reported)"
+        "--repeats",
+        type=positive_int,
+        default=3,
+        help="timed rounds, the variants interleaved in each (the median is reported)",
     )
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up repetitions")
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed warm-up repetitions")
     p.add_argument("--no-train", action="store_true", help="skip the training-step timing")
     p.add_argument(
         "--freeze-tower", action="store_true", help="train step: the vision tower frozen (LLM + projector trained)"
     )
-    p.add_argument("--image-size", type=int, default=336, help="image side for dynamic-resolution towers (Qwen-VL)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument(
+        "--image-size",
+        type=_int_at_least(MIN_IMAGE_SIZE),
+        default=336,
+        help="image side for dynamic-resolution towers (Qwen-VL)",
+    )
+    p.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--out", help="write the rows as JSON")
     _add_skip_vision_args(p)
     p.set_defaults(func=cmd_bench)
@@ -489,58 +813,114 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", help="an image file (repeat for several images)")
     p.add_argument("--prompt", help="the question")
     p.add_argument("--batch", help='JSON file of [{"image": path or [paths], "prompt": str}], paths relative to it')
-    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy decoding length")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="greedy decoding length")
     p.add_argument("--no-skip-kv-cache", action="store_true", help="decode with the full cache")
     p.set_defaults(func=cmd_generate)
 
     p = add("demo", help="end to end: data, train vanilla and Skip-Vision, evaluate, measure, report")
-    p.add_argument("--out", default="./skipvision-demo", help="output folder (replaced)")
+    p.add_argument("--out", default="./skipvision-demo", help="output folder (its runs are replaced)")
     p.add_argument("--preset", default="tiny", choices=presets, help="model preset (tiny-next: SV-LLaVA-HD style)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the preset's)")
-    p.add_argument("--n", type=int, default=None, help="examples to generate (default 6000)")
+    p.add_argument("--steps", type=positive_int, help="training steps per model (default: the preset's)")
+    p.add_argument("--n", type=_int_at_least(2), help="examples to generate (default 6000)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=cmd_demo)
 
+    full, fast = FULL_DEFAULTS, QUICK
+    show = lambda key, f=str: f"(default: {f(full[key])}; --quick: {f(fast[key])})"  # noqa: E731
+    budgets = lambda values: " ".join(f"{v:g}" for v in values)  # noqa: E731
     p = add("compare", help="Skip-Vision vs FastV, PyramidDrop, VisionZip, ToMe, token drop at matched FLOPs budgets")
     p.add_argument("--out", default="./skipvision-compare", help="output folder (finished rows are kept: resumable)")
     p.add_argument("--preset", default="tiny", choices=presets, help="model preset (its Skip-Vision setting)")
     p.add_argument("--model", help="checkpoint every run starts from (default: the preset's random init)")
     p.add_argument("--data", help="training LLaVA JSON (default: the embedded dataset); needs --test-data")
     p.add_argument("--test-data", help="test LLaVA JSON")
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.4, 0.6], help="prefill FLOPs fractions")
-    p.add_argument("--methods", nargs="*", default=list(_compare_methods()), help="methods to compare")
-    p.add_argument("--regimes", nargs="*", default=["training-free", "fine-tuned"], help="regimes")
     p.add_argument(
-        "--fine-tune-budgets", nargs="+", default=["0.4"], help="budgets trained with the method on ('all': every one)"
+        "--budgets", type=_budget, nargs="+", help=f"prefill FLOPs fractions in (0, 1] {show('budgets', budgets)}"
+    )
+    p.add_argument(
+        "--methods",
+        nargs="*",
+        help=f"methods to compare; none: only --ablations (default: all of {', '.join(full['methods'])})",
+    )
+    p.add_argument("--regimes", nargs="*", help=f"regimes (default: both of {', '.join(full['regimes'])})")
+    p.add_argument(
+        "--fine-tune-budgets",
+        nargs="+",
+        help="budgets (among --budgets) trained with the method on; 'all': every one (default: the middle budget)",
     )
     p.add_argument("--ablations", nargs="*", help="also Skip-Vision's ablations, fine-tuned (no names: all of them)")
-    p.add_argument("--steps", type=int, default=400, help="training steps per run")
-    p.add_argument("--n", type=int, default=6000, help="examples of the embedded dataset")
-    p.add_argument("--eval-limit", type=int, default=300, help="evaluate the first N test records (0: all)")
+    p.add_argument("--steps", type=positive_int, help=f"training steps per run {show('steps')}")
+    p.add_argument("--n", type=_int_at_least(2), help=f"examples of the embedded dataset {show('num_examples')}")
+    p.add_argument(
+        "--eval-limit",
+        type=non_negative_int,
+        help=f"evaluate the first N test records, 0: all {show('eval_limit')}",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--quick", action="store_true", help="a few minutes: one budget, 60 steps, 96 test records")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few minutes: one budget, only vanilla and Skip-Vision trained, short runs, a slice of the test set "
+        "(the run lists what it leaves out); options given explicitly still apply",
+    )
     p.set_defaults(func=cmd_compare)
     return parser
 
 
-def _compare_methods() -> tuple[str, ...]:
-    from .compare import METHODS
-
-    return METHODS
+#: the smallest image side the CLI takes: below it a vision tower has no patches to speak of
+MIN_IMAGE_SIZE = 16
 
 
-def _check_model_dir(path: str) -> None:
-    if not (Path(path) / "config.json").is_file():
-        raise ValueError(f"--model {path} is not a checkpoint directory (no config.json there)")
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction of vanilla's prefill FLOPs, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a budget is a fraction of vanilla's prefill FLOPs in (0, 1], got {text}")
+    return value
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause, reported as one line: ``ValueError`` (the library's own checks, bad data, bad
+    checkpoints, a bad command line), ``OSError`` (a missing, unreadable or unwritable file, a full disk),
+    safetensors' errors (a damaged weight file) and running out of accelerator memory. Anything else is a bug and
+    keeps its traceback."""
+    kinds: list[type[BaseException]] = [ValueError, OSError]
+    try:
+        from safetensors import SafetensorError
+
+        kinds.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors comes with transformers
+        pass
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        kinds.append(torch.OutOfMemoryError)
+    return tuple(kinds)
+
+
+def _one_line(error: BaseException) -> str:
+    torch = sys.modules.get("torch")
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        text = f"{error.strerror}: {error.filename}" + (f" -> {error.filename2}" if error.filename2 else "")
+    else:
+        text = str(error) or type(error).__name__
+    if torch is not None and isinstance(error, torch.OutOfMemoryError):
+        text = f"out of memory ({text}); try a smaller batch"
+    return " ".join(text.split())  # HF's messages span lines; a report is one line
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. A bad input or environment is reported as one ``error: ...`` line on stderr with exit status
+    2, never a traceback (``SKIPVISION_TRACEBACK=1`` shows it, for bug reports); other exceptions are bugs and
+    propagate."""
     try:
-        if getattr(args, "model", None):
-            _check_model_dir(args.model)
+        args = build_parser().parse_args(argv)
         args.func(args)
-    except (ValueError, FileNotFoundError) as error:  # bad configuration or data: say what is wrong, no traceback
-        print(f"error: {error}", file=sys.stderr)
+    except Exception as error:
+        if not isinstance(error, _expected_errors()) or os.environ.get("SKIPVISION_TRACEBACK"):
+            raise
+        sys.stdout.flush()
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     return 0

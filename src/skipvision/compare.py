@@ -59,7 +59,8 @@ class CompareSettings:
     budgets: tuple[float, ...] = DEFAULT_BUDGETS
     methods: tuple[str, ...] = METHODS
     regimes: tuple[str, ...] = REGIMES
-    fine_tune_budgets: tuple[float, ...] | None = (0.4,)  # None: every budget
+    fine_tune_budgets: tuple[float, ...] | None = (0.4,)  # None: every budget; else each must be one of budgets
+    fine_tune_methods: tuple[str, ...] | None = None  # methods with fine-tuned rows (None: every method)
     ablations: tuple[str, ...] = ()  # names from ABLATIONS
     steps: int = 400
     num_examples: int = 6000
@@ -69,11 +70,97 @@ class CompareSettings:
     model: Path | None = None  # a checkpoint to start every training from (default: the preset's random init)
     train_data: Path | None = None  # LLaVA-format JSON (default: the embedded dataset, generated)
     test_data: Path | None = None
+    notes: tuple[str, ...] = ()  # what this run leaves out of the full comparison (``quick``), printed and saved
 
 
-def quick(settings: CompareSettings) -> CompareSettings:
-    """A few-minute run: one budget, short training, a slice of the test set."""
-    return replace(settings, budgets=(0.4,), fine_tune_budgets=(0.4,), steps=60, num_examples=800, eval_limit=96)
+#: the full run's settings that ``--quick`` changes (the CLI shows both in ``--help``)
+FULL_DEFAULTS: dict[str, Any] = {
+    "budgets": DEFAULT_BUDGETS,
+    "methods": METHODS,
+    "regimes": REGIMES,
+    "steps": 400,
+    "num_examples": 6000,
+    "eval_limit": 300,
+}
+#: ``--quick``: two trainings (vanilla and Skip-Vision) of 24 steps, 48 test records, one timing round; the
+#: training-free rows (cheap: evaluation only) keep every method
+QUICK: dict[str, Any] = {
+    "budgets": (0.4,),
+    "fine_tune_budgets": (0.4,),
+    "fine_tune_methods": ("skip_vision",),
+    "steps": 24,
+    "num_examples": 600,
+    "eval_limit": 48,
+    "timing_repeats": 1,
+}
+
+
+def quick(settings: CompareSettings, keep: frozenset[str] = frozenset()) -> CompareSettings:
+    """A few-minute run: one budget, only vanilla and Skip-Vision trained, short training, a slice of the test set,
+    one timing round. Fields named in ``keep`` (set by the caller) stay as they are. ``notes`` says what the run
+    leaves out, so its table is never taken for the full comparison."""
+    changes = {k: v for k, v in QUICK.items() if k not in keep}
+    if "budgets" in keep:  # the fine-tuned budget follows the caller's budgets
+        changes.pop("fine_tune_budgets", None)
+    if "methods" in keep and "skip_vision" not in settings.methods:
+        changes.pop("fine_tune_methods", None)
+    fast = replace(settings, **changes)
+    pct = lambda values: ", ".join(f"{v:.0%}" for v in values)  # noqa: E731
+    notes = []
+    if fast.budgets != settings.budgets:
+        notes.append(f"budgets {pct(fast.budgets)} only (the full run: {pct(settings.budgets)})")
+    if fast.fine_tune_methods != settings.fine_tune_methods:
+        notes.append(
+            f"fine-tuned rows for {', '.join(fast.fine_tune_methods or ())} only (the full run fine-tunes every "
+            "method; the training-free rows keep every method)"
+        )
+    if fast.steps != settings.steps:
+        notes.append(f"{fast.steps} training steps per run (the full run: {settings.steps}): far from converged")
+    if fast.num_examples != settings.num_examples and settings.train_data is None:
+        notes.append(f"{fast.num_examples} generated examples (the full run: {settings.num_examples})")
+    if fast.eval_limit != settings.eval_limit:
+        notes.append(
+            f"accuracy on the first {fast.eval_limit} test records (the full run: {settings.eval_limit or 'all'}), "
+            "a few points of sampling noise"
+        )
+    if fast.timing_repeats != settings.timing_repeats:
+        notes.append(f"times from {fast.timing_repeats} round (the full run: median of {settings.timing_repeats})")
+    if not fast.ablations:
+        notes.append("no ablations (--ablations adds them)")
+    return replace(fast, notes=tuple(notes))
+
+
+def check_settings(settings: CompareSettings) -> None:
+    """Refuse settings that would fail late or drop rows without a word, before any data, model or run is made."""
+    unknown = sorted(set(settings.methods) - set(METHODS)) + sorted(set(settings.regimes) - set(REGIMES))
+    if unknown:
+        raise ValueError(f"unknown method or regime {unknown}; methods: {list(METHODS)}, regimes: {list(REGIMES)}")
+    if not (settings.methods and settings.regimes) and not settings.ablations:
+        raise ValueError("no method, regime or ablation to run: the table would hold only vanilla")
+    if not settings.budgets or any(not 0.0 < b <= 1.0 for b in settings.budgets):
+        raise ValueError(f"budgets are fractions of vanilla's prefill FLOPs in (0, 1], got {settings.budgets}")
+    if settings.fine_tune_budgets is not None:
+        missing = [b for b in settings.fine_tune_budgets if b not in settings.budgets]
+        if missing or not settings.fine_tune_budgets:
+            raise ValueError(
+                f"fine-tune budgets {missing or '()'} are not among the budgets {settings.budgets}: no fine-tuned row "
+                "would run at them"
+            )
+    if settings.fine_tune_methods is not None and not set(settings.fine_tune_methods) & set(settings.methods):
+        raise ValueError(f"fine_tune_methods {settings.fine_tune_methods} are not among the methods {settings.methods}")
+    unknown = sorted(set(settings.ablations) - set(ABLATIONS))
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {unknown}; choose from {ABLATIONS}")
+    for name in ("steps", "timing_repeats"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(settings, name)}")
+    if settings.num_examples < 2:
+        raise ValueError(f"num_examples must be at least 2, got {settings.num_examples}")
+    if settings.eval_limit is not None and settings.eval_limit < 1:
+        raise ValueError(f"eval_limit must be at least 1 (or None for every record), got {settings.eval_limit}")
+    if (settings.train_data is None) != (settings.test_data is None):
+        raise ValueError("give both a training and a test LLaVA JSON (--data and --test-data), or neither")
+    get_preset(settings.preset)
 
 
 # --- matching a method to a FLOPs budget ---------------------------------------------------------------------------
@@ -166,8 +253,11 @@ def plan_rows(
         budgets = settings.budgets
         if regime == "fine-tuned" and settings.fine_tune_budgets is not None:
             budgets = tuple(b for b in budgets if b in settings.fine_tune_budgets)
+        methods = settings.methods
+        if regime == "fine-tuned" and settings.fine_tune_methods is not None:
+            methods = tuple(m for m in methods if m in settings.fine_tune_methods)
         for budget in budgets:
-            for method in settings.methods:
+            for method in methods:
                 cfg, ratio = match_budget(method, budget, shape, preset_cfg, text_tokens)
                 rows.append(Row(f"{regime}-{method}-{budget:g}", method, regime, budget, cfg, ratio))
     unknown = sorted(set(settings.ablations) - set(ABLATIONS))
@@ -184,6 +274,20 @@ def plan_rows(
     return rows
 
 
+#: settings that every row depends on: a folder's rows are reused only under the same ones
+ROW_SETTINGS = (
+    "preset",
+    "steps",
+    "num_examples",
+    "eval_limit",
+    "seed",
+    "timing_repeats",
+    "model",
+    "train_data",
+    "test_data",
+)
+
+
 class Harness:
     """Runs rows into ``out/rows/<key>.json``; a row whose file exists is not recomputed."""
 
@@ -191,10 +295,10 @@ class Harness:
         self.s = settings
         self.out = Path(settings.out)
         self.spec = get_preset(settings.preset)
+        check_settings(settings)
         self.out.mkdir(parents=True, exist_ok=True)
+        self._check_same_comparison()
         (self.out / "rows").mkdir(exist_ok=True)
-        if (settings.train_data is None) != (settings.test_data is None):
-            raise ValueError("give both a training and a test LLaVA JSON, or neither (the embedded dataset)")
         if settings.train_data is not None:
             self.train_json, self.test_json = Path(settings.train_data), Path(settings.test_data)
         else:
@@ -208,6 +312,26 @@ class Harness:
             self.base = base
         else:
             self.base = init_model(settings.preset, base, seed=settings.seed)
+
+    def _check_same_comparison(self) -> None:
+        """A folder's finished rows are reused, so they must come from the same comparison: settings that change
+        every row (steps, data, evaluation slice, seed, ...) are saved with the first run and a rerun with others is
+        refused. Adding methods, budgets or ablations to a folder is fine: those are new rows."""
+        path = self.out / "compare_settings.json"
+        now = {
+            key: str(Path(value).resolve()) if isinstance(value, Path) else value
+            for key, value in ((k, getattr(self.s, k)) for k in ROW_SETTINGS)
+        }
+        if not path.exists():
+            write_json_atomically(path, now)
+            return
+        saved = json.loads(path.read_text())
+        changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in ROW_SETTINGS if saved.get(k) != now[k]]
+        if changed:
+            raise ValueError(
+                f"{self.out} holds a comparison made with other settings ({'; '.join(changed)}); its finished rows "
+                "would be mixed into this table: use another --out (or the same settings to resume it)"
+            )
 
     def row_path(self, row: Row) -> Path:
         return self.out / "rows" / f"{row.key}.json"
@@ -375,7 +499,7 @@ def add_relative(results: list[dict[str, Any]]) -> None:
         r["train_flops_ratio"] = r["train_flops"] / vanilla["train_flops"]
 
 
-def markdown(results: list[dict[str, Any]], chance: float | None = None) -> str:
+def markdown(results: list[dict[str, Any]], chance: float | None = None, notes: tuple[str, ...] = ()) -> str:
     types = sorted({t for r in results for t in r["per_type"]})
     head = (
         "| regime | method | budget | prefill FLOPs | train FLOPs | accuracy | "
@@ -400,7 +524,7 @@ def markdown(results: list[dict[str, Any]], chance: float | None = None) -> str:
             fmt(r.get("kv_cache_bytes_ratio")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [
+    lines_notes = [
         "",
         "FLOPs and times are ratios to the vanilla row (FLOPs: analytic, language model prefill of one prompt and a "
         "training step of 8 examples; times: every setting measured in one interleaved run at batch 4, medians of "
@@ -408,8 +532,10 @@ def markdown(results: list[dict[str, Any]], chance: float | None = None) -> str:
         "exact match on the test split, with greedy `generate`.",
     ]
     if chance is not None:
-        notes.append(f"Answer-prior baseline accuracy: {chance:.3f}.")
-    return "\n".join(lines + notes) + "\n"
+        lines_notes.append(f"Answer-prior baseline accuracy: {chance:.3f}.")
+    if notes:
+        lines_notes.append(f"Quick run, not the full comparison: {'; '.join(notes)}.")
+    return "\n".join(lines + lines_notes) + "\n"
 
 
 def plot(results: list[dict[str, Any]], path: Path, chance: float | None = None) -> None:
@@ -450,6 +576,9 @@ def plot(results: list[dict[str, Any]], path: Path, chance: float | None = None)
 
 def compare(settings: CompareSettings, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     start = time.perf_counter()
+    check_settings(settings)
+    if settings.notes:
+        log(f"compare --quick leaves out: {'; '.join(settings.notes)}")
     harness = Harness(settings)
     model = from_pretrained(harness.base, skip_vision=vanilla_config())
     shape = family_of(model).model_shape(model.config)
@@ -477,8 +606,8 @@ def compare(settings: CompareSettings, progress: bool = True, log: Callable[[str
     }
     out = harness.out
     (out / "compare.json").write_text(json.dumps(report, indent=1))
-    (out / "compare.md").write_text(markdown(results, chance))
+    (out / "compare.md").write_text(markdown(results, chance, settings.notes))
     plot(results, out / "compare.png", chance)
-    log(markdown(results, chance))
+    log(markdown(results, chance, settings.notes))
     log(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and {out / 'compare.png'}")
     return report

@@ -4,14 +4,38 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .api import family_of, load_for_inference
+from .api import family_of, load_for_inference, load_processor
 from .data import LlavaCollator, LlavaJsonDataset
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not load as a (Skip-Vision) model of a supported family; the message says why."""
+
+
+@contextmanager
+def loading_checkpoint(path: str | Path) -> Iterator[None]:
+    """Around loading a user's checkpoint: what HF or the family raise when the files do not fit the model (another
+    model type, a damaged file, an architecture Skip-Vision refuses) becomes a :class:`CheckpointError` naming the
+    checkpoint. Only the load is covered, so errors of the work after it keep their type and traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except ValueError:
+        raise
+    except (TypeError, RuntimeError, AttributeError, KeyError, SafetensorError) as error:
+        raise CheckpointError(
+            f"cannot load {path} as a Skip-Vision model ({type(error).__name__}: {error}); is it a checkpoint of a "
+            "supported family, completely written?"
+        ) from error
 
 
 def normalise(text: str) -> str:
@@ -37,8 +61,14 @@ def evaluate(
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 (or None for every record), got {limit}")
-    model, processor = load_for_inference(model_dir, skip_kv_cache)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    # the processor and the data before the model: a bad record is reported before the weights load
+    with loading_checkpoint(model_dir):
+        processor = load_processor(model_dir)
     dataset = LlavaJsonDataset(data, image_folder, processor, allow_outside_image_folder=allow_outside_image_folder)
+    with loading_checkpoint(model_dir):
+        model, processor = load_for_inference(model_dir, skip_kv_cache)
     records = dataset.records[:limit] if limit else dataset.records
     collate = LlavaCollator(processor.tokenizer.pad_token_id, padding_side="left")
     tokenizer = processor.tokenizer

@@ -223,6 +223,9 @@ def report(
     shape: ModelShape, cfg: SkipVisionConfig | None, text_tokens: int = 0, images: int = 1, new_tokens: int = 0
 ) -> dict[str, Any]:
     """FLOPs of prefill, decode and a training step for one sequence; ``cfg=None`` is vanilla."""
+    for name, value in (("text_tokens", text_tokens), ("images", images), ("new_tokens", new_tokens)):
+        if value < 0:
+            raise ValueError(f"{name} must be at least 0, got {value!r}")
     counts = sequence_counts(shape, text_tokens, images, cfg)
     skip_layers, drop = (cfg.skip_layers, cfg.llm_drop) if cfg else (None, ())
     prefill = language_flops(shape, counts, logits=1, skip_layers=skip_layers, llm_drop=drop)

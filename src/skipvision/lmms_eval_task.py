@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .data import default_image_folder, load_records, open_rgb, record_image_paths
+from .data import DataError, RecordError, default_image_folder, load_records, open_rgb, record_image_paths
 from .evaluate import normalise
 
 TASK_YAML = """\
@@ -56,12 +56,33 @@ def write_task(
 
     Returns ``{"yaml", "records" (the kept records as LLaVA JSON), "kept", "left_out"}``.
     """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens!r}")
     records = load_records(data)
     folder = Path(image_folder) if image_folder else default_image_folder(data)
-    kept, docs = [], []
+    if not folder.is_dir() and any(isinstance(r, dict) and r.get("image") for r in records):
+        raise DataError(f"{data}: the image folder {folder} does not exist")
+    kept, docs, problems = [], [], []
     for record in records:
-        turns = record.get("conversations") or []
+        turns = record.get("conversations") if isinstance(record, dict) else None
+        if not isinstance(turns, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns
+        ):
+            problems.append(
+                f"record {record.get('id', '<no id>') if isinstance(record, dict) else record!r}: "
+                "'conversations' must be a list of turns with a 'value' string"
+            )
+            continue
         if len(turns) != 2:
+            continue
+        try:
+            images = record_image_paths(record, folder)
+        except RecordError as error:
+            problems.append(str(error))
+            continue
+        missing = [str(path) for path in images if not path.is_file()]
+        if missing:  # the task would fail inside lmms-eval, far from here
+            problems.append(f"record {record.get('id', '<no id>')}: no image file {missing[0]}")
             continue
         kept.append(record)
         docs.append(
@@ -70,11 +91,14 @@ def write_task(
                 "question": turns[0]["value"],
                 "answer": turns[1]["value"],
                 "type": record.get("type", "all"),
-                "images": [str(path) for path in record_image_paths(record, folder)],
+                "images": [str(path) for path in images],
             }
         )
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise DataError(f"{data}: {len(problems)} bad record(s): {shown}")
     if not docs:
-        raise ValueError(f"{data}: no record has exactly one question and one answer")
+        raise DataError(f"{data}: no record has exactly one question and one answer")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     docs_path = (out / f"{name}.jsonl").resolve()

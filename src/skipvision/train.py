@@ -25,6 +25,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from .api import family_of, from_pretrained, load_processor, save_processor
 from .config import SkipVisionConfig, vanilla_config
 from .data import LlavaCollator, LlavaJsonDataset, load_records
+from .evaluate import loading_checkpoint
 from .lora import LoraSettings, apply_lora, base_model, is_peft_model, load_adapter_weights
 
 
@@ -81,18 +82,117 @@ def write_json_atomically(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+#: TrainConfig fields that do not change what a run computes: a resumed run may give other values
+NOT_RUN_SETTINGS = ("output_dir", "resume", "overwrite", "save_steps", "save_total_limit", "logging_steps")
+#: how the command line spells a setting, for messages
+OPTION_NAMES = {
+    "model": "--model",
+    "data": "--data",
+    "image_folder": "--image-folder",
+    "max_steps": "--max-steps",
+    "batch_size": "--batch-size",
+    "grad_accum": "--grad-accum",
+    "learning_rate": "--lr",
+    "bf16": "--bf16",
+    "seed": "--seed",
+    "max_length": "--max-length",
+    "freeze_vision_tower": "--train-vision-tower (off)",
+    "skip_bad_records": "--skip-bad-records",
+    "allow_outside_image_folder": "--allow-outside-image-folder",
+    "lora": "the LoRA settings",
+    "extra_args": "--training-args",
+    "skip_vision": "the Skip-Vision settings",
+}
+
+
+def run_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """What makes a run's result, as JSON (paths resolved): a resumed run must use the same."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_RUN_SETTINGS}
+    for key in ("model", "data", "image_folder"):
+        if settings[key] is not None:
+            settings[key] = str(Path(settings[key]).resolve())
+    settings["skip_vision"] = cfg.skip_vision.to_dict() if cfg.skip_vision else None
+    return json.loads(json.dumps(settings))  # tuples as lists, as read back from the manifest
+
+
+def _differences(run: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``setting: <the run's> -> <now>`` for every setting in both that differs."""
+    changes = []
+    for key in (k for k in now if k in run and run[k] != now[k]):
+        old, new = run[key], now[key]
+        if key == "skip_vision" and isinstance(old, dict) and isinstance(new, dict):
+            parts = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+            changes.append(f"Skip-Vision settings: {', '.join(parts)}")
+        elif key == "skip_vision":
+            changes.append(f"Skip-Vision settings: {_describe(old)} -> {_describe(new)}")
+        else:
+            changes.append(f"{OPTION_NAMES.get(key, key)}: {old!r} -> {new!r}")
+    return changes
+
+
+def _describe(skip_vision: dict[str, Any] | None) -> str:
+    if skip_vision is None or skip_vision.get("num_retained") is None:
+        return "vanilla"
+    skipped = skip_vision.get("num_skipped")
+    skipped = "all others" if skipped is None else skipped  # the in-place layout skips every token not retained
+    return f"N_r={skip_vision['num_retained']} N_s={skipped} ({skip_vision.get('layout')} layout)"
+
+
+def _check_resumable(cfg: TrainConfig, manifest: dict[str, Any], out: Path) -> None:
+    """Refuse to resume a run with other settings than it started with: the result would be neither run (a model
+    trained under two settings, with ``final/`` and the manifest disagreeing)."""
+    run = manifest.get("settings")
+    now = run_settings(cfg)
+    if run is None:  # a manifest from before settings were recorded: what it has
+        run = {
+            "model": str(Path(manifest["model"]).resolve()) if manifest.get("model") else None,
+            "data": str(Path(manifest["data"]).resolve()) if manifest.get("data") else None,
+            "max_steps": manifest.get("max_steps"),
+            "skip_vision": manifest.get("skip_vision"),
+        }
+        run = {k: v for k, v in run.items() if k in manifest}
+    changes = _differences(run, now)
+    if not changes:
+        return
+    if manifest.get("finished") and [c for c in changes if not c.startswith("--max-steps")] == []:
+        raise ValueError(
+            f"the run in {out} finished at step {run['max_steps']}; it cannot be continued to --max-steps "
+            f"{cfg.max_steps} as the same run (its learning-rate schedule ends at step {run['max_steps']}): start a "
+            f"new run with --max-steps {cfg.max_steps}, in another --out or with --overwrite"
+        )
+    raise ValueError(
+        f"cannot resume the run in {out} with other settings ({'; '.join(changes)}): resume with the run's own "
+        "settings, or start a new run in another --out (or replace this one with --overwrite)"
+    )
+
+
+def check_writable_dir(path: Path, option: str = "output folder") -> None:
+    """Refuse an output folder that cannot be written, before any work: a file, a path under a file, a read-only
+    place. Creates the folder (empty) if needed."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"{option} {path} cannot be written: {error.strerror or error}") from error
+
+
 def prepare_output_dir(cfg: TrainConfig) -> tuple[str | None, bool]:
     """Check ``output_dir`` before anything runs; returns ``(checkpoint to resume from, run already finished)``.
 
     A run owns its folder through a manifest listing the checkpoints it wrote. A non-empty folder without one, or
-    another run's folder, is refused unless ``overwrite``; ``resume`` only considers this run's checkpoints.
+    another run's folder, is refused unless ``overwrite``; ``resume`` only considers this run's checkpoints, and
+    only with the settings the run started with. Nothing is written here but an empty folder; ``claim_output_dir``
+    takes the folder once the model and data have loaded.
     """
     out = Path(cfg.output_dir)
     manifest = read_manifest(out)
-    occupied = out.is_dir() and any(out.iterdir())
     if cfg.resume:
         if manifest is None:
             raise ValueError(f"nothing to resume: {out} holds no skipvision run")
+        _check_resumable(cfg, manifest, out)
         if manifest.get("finished"):
             return None, True
         names = [n for n in manifest.get("checkpoints", []) if _is_checkpoint(out / n)]
@@ -103,10 +203,20 @@ def prepare_output_dir(cfg: TrainConfig) -> tuple[str | None, bool]:
         return str(out / max(names, key=lambda n: int(n.rsplit("-", 1)[1]))), False
     if not _is_main_process():  # rank 0 checks and prepares the folder (the others may see its new manifest)
         return None, False
+    occupied = out.is_dir() and any(out.iterdir())
     if occupied and not cfg.overwrite:
         what = "already holds a skipvision run; pass --resume to continue it" if manifest else "is not empty"
         raise ValueError(f"output folder {out} {what}, or --overwrite to replace its contents")
-    if occupied:
+    check_writable_dir(out)
+    return None, False
+
+
+def claim_output_dir(cfg: TrainConfig) -> None:
+    """Empty ``output_dir`` (``overwrite``) and write the new run's manifest, with the settings ``--resume`` checks."""
+    out = Path(cfg.output_dir)
+    if not _is_main_process():
+        return
+    if out.is_dir() and any(out.iterdir()):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_manifest(
@@ -116,11 +226,11 @@ def prepare_output_dir(cfg: TrainConfig) -> tuple[str | None, bool]:
             "data": cfg.data,
             "max_steps": cfg.max_steps,
             "skip_vision": cfg.skip_vision.to_dict() if cfg.skip_vision else None,
+            "settings": run_settings(cfg),
             "checkpoints": [],
             "finished": False,
         },
     )
-    return None, False
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -314,25 +424,35 @@ def _engine(trainer: Trainer) -> dict[str, Any]:
     return engine
 
 
+def check_numbers(cfg: TrainConfig) -> None:
+    """Counts and rates that would make a run do nothing or fail inside Trainer, refused by name."""
+    for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "logging_steps", "max_length"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if not cfg.learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {cfg.learning_rate}")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("resume continues the run in output_dir and overwrite replaces it; choose one")
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train and save ``<output_dir>/final``; returns timings, losses and the final checkpoint path.
 
-    Resuming a finished run changes nothing and returns its saved summary.
+    Resuming a finished run changes nothing and returns its saved summary; resuming with other settings than the
+    run started with is refused.
     """
-    if cfg.max_steps < 1:
-        raise ValueError(f"max_steps must be at least 1, got {cfg.max_steps}")
+    check_numbers(cfg)
     load_records(cfg.data)  # a missing or empty data file fails before the output folder is touched
     resume_from, finished = prepare_output_dir(cfg)
     if finished:
         summary_file = Path(cfg.output_dir) / "train_summary.json"
-        print(f"the run in {cfg.output_dir} already finished; nothing to do")
+        steps = (read_manifest(Path(cfg.output_dir)) or {}).get("steps", cfg.max_steps)
+        print(f"the run in {cfg.output_dir} already finished (step {steps}, the same settings); nothing to do")
         return {**json.loads(summary_file.read_text()), "already_finished": True}
-    set_seed(cfg.seed)  # before loading: new parameters (the summary scorer) are initialised at load time
-    model, processor = load_for_training(cfg.model, cfg.skip_vision)
-    if cfg.freeze_vision_tower:
-        family_of(model).vision_tower(model).requires_grad_(False)
-    if cfg.lora is not None:
-        model = apply_lora(model, cfg.lora)
+    # the processor and the data before the model: a bad record fails in seconds, before the weights load
+    skip_vision = cfg.skip_vision or vanilla_config()
+    with loading_checkpoint(cfg.model):
+        processor = load_processor(cfg.model, skip_vision)
     dataset = LlavaJsonDataset(
         cfg.data,
         cfg.image_folder,
@@ -341,6 +461,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         skip_bad_records=cfg.skip_bad_records,
         allow_outside_image_folder=cfg.allow_outside_image_folder,
     )
+    set_seed(cfg.seed)  # before loading: new parameters (the summary scorer) are initialised at load time
+    with loading_checkpoint(cfg.model):
+        model = from_pretrained(cfg.model, skip_vision=skip_vision, dtype=torch.float32)
+    if cfg.freeze_vision_tower:
+        family_of(model).vision_tower(model).requires_grad_(False)
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora)
     unwrapped = base_model(model)
     extra_args = with_fsdp_wrap_classes(cfg.extra_args, family_of(unwrapped).block_class_names(unwrapped))
     args = TrainingArguments(
@@ -378,6 +505,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     trainer.skip_vision_processor = processor
     check_engine_request(trainer, cfg.extra_args)
+    if not cfg.resume:  # everything loaded and checked: only now is the output folder emptied and claimed
+        claim_output_dir(cfg)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
