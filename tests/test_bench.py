@@ -85,3 +85,37 @@ def test_bench_tiles_scale_for_anyres():
     assert entry["from_tiles"] == 1 and entry["to_tiles"] == 4
     assert 0 < entry["prefill_flops_growth_ratio"] < 0.5
     assert "tiles" in format_table(rows)
+
+
+def test_gpu_command_runs_on_the_cpu_at_a_tiny_preset():
+    """The commands of scripts/gpu_check.sh, at a tiny preset on the CPU: op counts (deterministic, so checked)
+    and the paper's latency protocol (a decode step per variant and cache; timings not checked). The paper-size
+    presets are refused on the CPU by name."""
+    from conftest import run_cli
+
+    counts = run_cli("bench", "--preset", "tiny", "--count-ops", "--batch-sizes", "2")
+    assert counts.returncode == 0, counts.stderr
+    lines = {line.split("|")[2].strip(): line for line in counts.stdout.splitlines() if line.startswith("| 2 ")}
+    assert set(lines) == {"vanilla", "skip_vision_no_kv", "skip_vision"}
+    decode_syncs = lines["skip_vision"].split("|")[6]
+    assert decode_syncs.strip().endswith("(+0)")  # no host sync added to a decode step
+    latency = run_cli(
+        "bench", "--preset", "tiny", "--latency", "--batch-sizes", "1", "--new-tokens", "3", "--repeats", "1"
+    )
+    assert latency.returncode == 0, latency.stderr
+    rows = [line for line in latency.stdout.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 6  # 2 caches x 3 variants
+    refused = run_cli("bench", "--preset", "llava-1.5-7b", "--device", "cpu")
+    assert refused.returncode == 2 and "paper-size model" in refused.stderr
+
+
+def test_paper_presets_have_the_papers_geometry():
+    """Parameter counts of the paper-size presets, built on the meta device (no memory): LLaVA-1.5-7B is 7.06 B,
+    Qwen2.5-VL-7B 8.29 B."""
+    from skipvision.presets import MODEL_PRESETS, build_model, build_tokenizer, tokenizer_corpus
+
+    expected = {"llava-1.5-7b": 7.06, "llava-next-7b": 7.06, "qwen2.5-vl-7b": 8.29}
+    for name, billions in expected.items():
+        preset = MODEL_PRESETS[name]
+        model = build_model(preset, build_tokenizer(tokenizer_corpus(), family=preset.family), device="meta")
+        assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == billions, name

@@ -498,3 +498,53 @@ def scaling_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     entry[f"{key}_growth_ratio"] = grow.get("skip_vision", float("nan")) / grow["vanilla"]
             out.append(entry)
     return out
+
+
+def count_variant_ops(
+    base: PreTrainedModel, processor: ProcessorMixin, skip: SkipVisionConfig, settings: BenchSettings
+) -> list[dict[str, Any]]:
+    """``--count-ops``: aten ops and host syncs (``skipvision.opcount``) of a prefill, a decode step and a training
+    step of every variant, on the bench's batches (first dtype and tile count). Deterministic: what the same code
+    launches on a GPU, counted wherever it runs."""
+    from .opcount import count_model_ops
+
+    check_settings(settings)
+    dtype_name, tiles = settings.dtypes[0], settings.tiles[0]
+    dtype = DTYPES[dtype_name]
+    image_size = image_size_for_tiles(base.config, tiles, settings.image_size)
+    rows = []
+    for batch in settings.batch_sizes:
+        for name, cfg in variants(skip).items():
+            model = convert(copy.deepcopy(base), cfg).to(settings.device, dtype)
+            variant_processor = configure_processor(copy.deepcopy(processor), cfg, base.config)
+            inputs = make_inputs(
+                variant_processor,
+                batch,
+                settings.text_tokens,
+                image_size,
+                settings.device,
+                dtype,
+                family_of(base).image_prompt(variant_processor, base.config),
+            )
+            inputs.pop("labels")
+            counts = count_model_ops(model, inputs, train=settings.train)
+            rows.append({"variant": name, "batch": batch, "dtype": dtype_name, "tiles": tiles, **counts})
+            del model
+    return rows
+
+
+def format_op_counts(rows: list[dict[str, Any]], layers: int) -> str:
+    """Markdown table of ``count_variant_ops`` rows, each with its difference to vanilla at the same batch."""
+    phases = [p for p in ("prefill", "decode", "train") if p in rows[0]]
+    head = ["B", "variant"] + [f"{p} {k}" for p in phases for k in ("ops", "syncs")]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in rows:
+        vanilla = next(r for r in rows if r["variant"] == "vanilla" and r["batch"] == row["batch"])
+        cells = [str(row["batch"]), row["variant"]]
+        for phase in phases:
+            for key in ("ops", "syncs"):
+                value, delta = row[phase][key], row[phase][key] - vanilla[phase][key]
+                cells.append(f"{value}" if row is vanilla else f"{value} ({delta:+d})")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"(ops: kernel-launching aten ops; syncs: host waits for the device; {layers} decoder layers)")
+    return "\n".join(lines)

@@ -519,7 +519,38 @@ def cmd_bench(args: argparse.Namespace) -> None:
         image_size=args.image_size,
         **({"device": args.device} if args.device else {}),
     )
-    rows = run(base, processor, skip, settings, log=lambda message: print(message, file=sys.stderr, flush=True))
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    header = f"# skipvision bench: {source}, N_r={skip.num_retained} N_s={skip.num_skipped} ({skip.layout} layout)"
+    if args.count_ops:
+        from .bench import count_variant_ops, format_op_counts
+
+        rows = count_variant_ops(base, processor, skip, settings)
+        print(f"{header}, {settings.dtypes[0]}, ops and host syncs per prefill (generate of one token), decode step")
+        print(format_op_counts(rows, base.config.get_text_config().num_hidden_layers))
+        if args.out:
+            _write_out(args.out, {"source": source, "skip_vision": skip.to_dict(), "op_counts": rows})
+        return
+    if args.latency:
+        from .latency import LatencySettings, format_latency, run_latency
+
+        latency = LatencySettings(
+            batch_sizes=tuple(args.batch_sizes),
+            new_tokens=args.new_tokens,
+            caches=tuple(args.caches),
+            dtype=args.dtypes[0],
+            repeats=args.repeats,
+            image_size=args.image_size,
+            profile=args.profile,
+            device=settings.device,
+        )
+        rows = run_latency(base, processor, skip, latency, log=log)
+        print(f"{header}, device {latency.device}, {latency.dtype}, greedy, {latency.new_tokens} new tokens, ", end="")
+        print(f"median of {latency.repeats} after a warm-up round")
+        print(format_latency(rows))
+        if args.out:
+            _write_out(args.out, {"source": source, "skip_vision": skip.to_dict(), "latency": rows})
+        return
+    rows = run(base, processor, skip, settings, log=log)
     print(
         f"# skipvision bench: {source}, N_r={skip.num_retained} N_s={skip.num_skipped} ({skip.layout} layout), "
         f"device {settings.device}, "
@@ -553,10 +584,22 @@ def _bench_model(args: argparse.Namespace):
         processor = load_processor(args.model, vanilla_config())
         layers = base.config.get_text_config().num_hidden_layers
         return base, processor, skip, f"model {args.model} ({family.name}, {layers} layers)"
+    import torch
+
+    from .bench import DTYPES
+    from .presets import PAPER_PRESETS
+
     preset = get_preset(args.preset)
     skip = _skip_vision_from_args(args, preset.skip_vision)
     tokenizer = build_tokenizer(tokenizer_corpus(), family=preset.family)
-    base = build_model(preset, tokenizer)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.preset in PAPER_PRESETS and not device.startswith("cuda"):
+        raise ValueError(
+            f"preset {args.preset} is a paper-size model (7-8 B parameters): run it on a GPU with --device cuda "
+            "(a tiny preset counts the same per-layer ops on the CPU)"
+        )
+    # built on the device in the first dtype measured: a 7B model is built on its GPU in seconds
+    base = build_model(preset, tokenizer, device=device, dtype=DTYPES[args.dtypes[0]])
     return base, build_processor(preset, tokenizer), skip, f"preset {args.preset} ({preset.family}, random weights)"
 
 
@@ -805,6 +848,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--out", help="write the rows as JSON")
+    p.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="count aten ops and host syncs of a prefill, a decode step and a training step per variant (no timing)",
+    )
+    p.add_argument(
+        "--latency",
+        action="store_true",
+        help="the paper's latency protocol instead: greedy generate of --new-tokens (use 256) at --batch-sizes "
+        "(use 1 64) with each of --caches; ms per decode step per variant",
+    )
+    p.add_argument(
+        "--caches", nargs="+", choices=["dynamic", "static"], default=["dynamic", "static"], help="--latency: caches"
+    )
+    p.add_argument("--profile", action="store_true", help="--latency: also a torch.profiler table of 4 decode steps")
     _add_skip_vision_args(p)
     p.set_defaults(func=cmd_bench)
 

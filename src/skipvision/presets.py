@@ -97,6 +97,12 @@ class ModelPreset:
     skip_vision: SkipVisionConfig
     grid: tuple[tuple[int, int], ...] = ()
     data_image_size: int = 168
+    # exact geometry of a real checkpoint (the paper-size presets); None: derived from the sizes above
+    vision_heads: int | None = None
+    vision_intermediate: int | None = None
+    vocab_size: int | None = None
+    vision_window: int | None = None  # Qwen2.5-VL's windowed attention, in pixels
+    vision_full_attention: tuple[int, ...] | None = None  # Qwen2.5-VL's full-attention blocks
 
     @property
     def visual_tokens(self) -> int:
@@ -174,7 +180,64 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
     "tiny-qwen3-vl": ModelPreset(
         "qwen3-vl", 192, 16, 64, 2, 256, 688, 4, 8, 4, SkipVisionConfig(0.25, 9, selection="grid")
     ),
+    # The paper's models at their exact geometry, random weights, for timing on a GPU (build them on the device:
+    # ``build_model(..., device="cuda", dtype=torch.bfloat16)``): CLIP ViT-L/14-336 + Vicuna-7B (LLaVA-1.5-7B;
+    # LLaVA-NeXT-7B with its anyres grids up to 2x2 tiles of 336 px), and Qwen2.5-VL-7B (672 px: 576 merged tokens)
+    "llava-1.5-7b": ModelPreset(
+        "llava",
+        336,
+        14,
+        1024,
+        24,
+        4096,
+        11008,
+        32,
+        32,
+        32,
+        SkipVisionConfig(num_retained=100, num_skipped=156),
+        vision_heads=16,
+        vision_intermediate=4096,
+        vocab_size=32064,
+    ),  # fmt: skip
+    "llava-next-7b": ModelPreset(
+        "llava-next",
+        336,
+        14,
+        1024,
+        24,
+        4096,
+        11008,
+        32,
+        32,
+        32,
+        SkipVisionConfig(num_retained=576, num_skipped=576),
+        grid=((1, 2), (2, 1), (2, 2), (3, 1), (1, 3)),
+        vision_heads=16,
+        vision_intermediate=4096,
+        vocab_size=32064,
+    ),  # fmt: skip
+    "qwen2.5-vl-7b": ModelPreset(
+        "qwen2.5-vl",
+        672,
+        14,
+        1280,
+        32,
+        3584,
+        18944,
+        28,
+        28,
+        4,
+        SkipVisionConfig(0.25, 144, selection="grid"),
+        vision_heads=16,
+        vision_intermediate=3420,
+        vocab_size=152064,
+        vision_window=112,
+        vision_full_attention=(7, 15, 23, 31),
+    ),  # fmt: skip
 }
+
+#: the presets at a real checkpoint's size (too large for a CPU run; ``skipvision bench --device cuda``)
+PAPER_PRESETS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b")
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int = 512, family: str = "llava") -> PreTrainedTokenizerFast:
@@ -276,18 +339,25 @@ def _rope_sections(head_dim: int) -> list[int]:
     return [half - 2 * height, height, height]
 
 
-def build_model(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> PreTrainedModel:
-    """A random tiny model of the preset's family (vanilla HF class)."""
+def build_model(
+    preset: ModelPreset,
+    tokenizer: PreTrainedTokenizerFast,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> PreTrainedModel:
+    """A random model of the preset's family (vanilla HF class), built on ``device`` (a 7B model is built on its
+    GPU in seconds, where the CPU takes minutes) and cast to ``dtype``."""
     vision_args = dict(
         hidden_size=preset.vision_hidden,
-        intermediate_size=4 * preset.vision_hidden,
+        intermediate_size=preset.vision_intermediate or 4 * preset.vision_hidden,
         num_hidden_layers=preset.vision_layers,
-        num_attention_heads=max(1, preset.vision_hidden // 32),
+        num_attention_heads=preset.vision_heads or max(1, preset.vision_hidden // 32),
         image_size=preset.image_size,
         patch_size=preset.patch_size,
     )
     text_args = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=preset.vocab_size or len(tokenizer),
         hidden_size=preset.text_hidden,
         intermediate_size=preset.text_intermediate,
         num_hidden_layers=preset.text_layers,
@@ -329,7 +399,10 @@ def build_model(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast, seed: i
     else:
         raise ValueError(f"no tiny builder for family {preset.family!r}")
     torch.manual_seed(seed)
-    model = model_class(config)
+    with torch.device(device or "cpu"):
+        model = model_class(config)
+    if dtype is not None:
+        model = model.to(dtype)
     _informative_tower_init(model, preset)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -348,8 +421,8 @@ def _qwen_config(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast, text_a
     vision = dict(
         depth=preset.vision_layers,
         hidden_size=preset.vision_hidden,
-        intermediate_size=2 * preset.vision_hidden,
-        num_heads=max(1, preset.vision_hidden // 32),
+        intermediate_size=preset.vision_intermediate or 2 * preset.vision_hidden,
+        num_heads=preset.vision_heads or max(1, preset.vision_hidden // 32),
         patch_size=preset.patch_size,
         spatial_merge_size=2,
         temporal_patch_size=2,
@@ -359,7 +432,10 @@ def _qwen_config(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast, text_a
     if preset.family == "qwen2.5-vl":
         # one window per image at the preset size: the tiny tower runs a few large attention calls, not dozens of
         # 4x4-token ones whose call overhead would dominate its time
-        vision.update(window_size=preset.image_size, fullatt_block_indexes=[preset.vision_layers - 1])
+        vision.update(
+            window_size=preset.vision_window or preset.image_size,
+            fullatt_block_indexes=list(preset.vision_full_attention or [preset.vision_layers - 1]),
+        )
         config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
         return config, Qwen2_5_VLForConditionalGeneration
     side = preset.image_size // preset.patch_size
