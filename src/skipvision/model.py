@@ -314,7 +314,9 @@ class SkipVisionMixin:
             embed = self.get_input_embeddings().weight
             self.summary_scorer = SummaryScorer(embed.shape[1]).to(device=embed.device, dtype=embed.dtype)
             if embed.device.type != "meta":
-                self.summary_scorer.reset_parameters(self._initializer_range())
+                # through HF's own per-module init (our _init_weights gives the scorer the paper's init), as a
+                # checkpoint without the scorer gets it, so both paths draw the same values
+                self._initialize_weights(self.summary_scorer)
 
     @classmethod
     def is_custom_code(cls) -> bool:
