@@ -15,7 +15,16 @@ import skipvision
 from skipvision.opcount import count_model_ops, count_ops
 
 TEXTS = [" what color is it?", "a b", " is the shape on the left", " compare"]
-NAMES = ["llava", "llava-inplace", "qwen2.5-vl", "qwen2.5-vl-inplace", "qwen3-vl", "qwen3-vl-inplace"]
+NAMES = [
+    "llava",
+    "llava-inplace",
+    "llava-next",
+    "llava-onevision",
+    "qwen2.5-vl",
+    "qwen2.5-vl-inplace",
+    "qwen3-vl",
+    "qwen3-vl-inplace",
+]
 
 
 def uniform_batch(name: str, cfg, model_config) -> dict:

@@ -11,6 +11,7 @@ than N_s candidates skips them all unmerged, so its count is smaller (as NeXT's 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,9 +74,11 @@ class LlavaNextFamily(Family):
 
     def patches_per_image(self, config: PretrainedConfig, image_inputs: dict[str, Any]) -> list[int]:
         """Tower passes per image (base + tiles), as HF's model counts them."""
+        sizes = image_inputs["image_sizes"]  # read to the host once, not once per image
+        sizes = sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes
         return [
             image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
-            for size in image_inputs["image_sizes"]
+            for size in sizes
         ]
 
     def tower_passes(self, config: PretrainedConfig, num_images: int, image_inputs: dict[str, Any]) -> int:
@@ -99,8 +102,8 @@ class LlavaNextFamily(Family):
         if scores is None:
             return [ImageTokens(f, base) for f in features]
         # the tower ran every image's passes back to back, base first: pick each image's base row
-        starts = torch.tensor([0, *self.patches_per_image(model.config, image_inputs)]).cumsum(0)[:-1]
-        return [ImageTokens(f, base, scores[int(s)]) for f, s in zip(features, starts)]
+        starts = itertools.accumulate(self.patches_per_image(model.config, image_inputs), initial=0)
+        return [ImageTokens(f, base, scores[s]) for f, s in zip(features, starts)]
 
     def configure_processor(
         self, processor: ProcessorMixin, config: SkipVisionConfig, model_config: PretrainedConfig | None
