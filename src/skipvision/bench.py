@@ -305,6 +305,24 @@ RATIO_KEYS = (
 )
 
 
+def build_variant(
+    base: PreTrainedModel,
+    processor: ProcessorMixin,
+    cfg: SkipVisionConfig,
+    settings: BenchSettings,
+    batch: int,
+    image_size: tuple[int, int],
+    dtype: torch.dtype,
+) -> tuple[PreTrainedModel, dict[str, torch.Tensor]]:
+    """One variant of the bench: a copy of ``base`` converted to ``cfg`` on the bench's device and dtype, and its
+    batch of ``batch`` prompts, built by the processor set up for ``cfg``."""
+    model = convert(copy.deepcopy(base), cfg).to(settings.device, dtype)
+    variant_processor = configure_processor(copy.deepcopy(processor), cfg, base.config)
+    marker = family_of(base).image_prompt(variant_processor, base.config)
+    inputs = make_inputs(variant_processor, batch, settings.text_tokens, image_size, settings.device, dtype, marker)
+    return model, inputs
+
+
 def check_settings(settings: BenchSettings) -> None:
     """Refuse settings that measure nothing or fail deep inside a run, by name."""
     for name in ("new_tokens", "repeats", "text_tokens"):
@@ -349,17 +367,7 @@ def run(
                     )
                 measured, built = {}, {}
                 for name, cfg in variants(skip).items():
-                    model = convert(copy.deepcopy(base), cfg).to(settings.device, dtype)
-                    variant_processor = configure_processor(copy.deepcopy(processor), cfg, base.config)
-                    inputs = make_inputs(
-                        variant_processor,
-                        batch,
-                        settings.text_tokens,
-                        image_size,
-                        settings.device,
-                        dtype,
-                        family_of(base).image_prompt(variant_processor, base.config),
-                    )
+                    model, inputs = build_variant(base, processor, cfg, settings, batch, image_size, dtype)
                     if settings.freeze_tower:
                         family_of(model).vision_tower(model).requires_grad_(False)
                     analytic = F.batch_flops(model, inputs, train_tower=not settings.freeze_tower)
@@ -515,17 +523,7 @@ def count_variant_ops(
     rows = []
     for batch in settings.batch_sizes:
         for name, cfg in variants(skip).items():
-            model = convert(copy.deepcopy(base), cfg).to(settings.device, dtype)
-            variant_processor = configure_processor(copy.deepcopy(processor), cfg, base.config)
-            inputs = make_inputs(
-                variant_processor,
-                batch,
-                settings.text_tokens,
-                image_size,
-                settings.device,
-                dtype,
-                family_of(base).image_prompt(variant_processor, base.config),
-            )
+            model, inputs = build_variant(base, processor, cfg, settings, batch, image_size, dtype)
             inputs.pop("labels")
             counts = count_model_ops(model, inputs, train=settings.train)
             rows.append({"variant": name, "batch": batch, "dtype": dtype_name, "tiles": tiles, **counts})
