@@ -56,6 +56,13 @@ class DeferredCheck:
     raise_error: Callable[[], None]
 
 
+def run_checks_now(checks: list[DeferredCheck]) -> None:
+    """Read deferred checks at once (outside a prefill, where there is no later read to join)."""
+    for check in checks:
+        if bool(check.failed):
+            check.raise_error()
+
+
 def read_prefill_counts(
     dropped: torch.Tensor, skipped: torch.Tensor, checks: list[DeferredCheck]
 ) -> tuple[list[int], int]:
@@ -397,9 +404,7 @@ class SkipVisionMixin:
         embeds, skipped, _, is_image, checks = self._embed_multimodal(
             input_ids, pixel_values, inputs_embeds, image_inputs
         )
-        for check in checks:
-            if bool(check.failed):
-                check.raise_error()
+        run_checks_now(checks)
         return embeds, torch.zeros_like(is_image) if skipped is None else skipped
 
     def skipped_mask(
@@ -408,9 +413,7 @@ class SkipVisionMixin:
         """The ``(batch, seq)`` boolean mask of the skipped tokens of these inputs, in any layout."""
         if self.skip_vision_config.in_place:
             skipped, checks = self._in_place_skipped(input_ids, None, pixel_values, image_inputs)
-            for check in checks:
-                if bool(check.failed):
-                    check.raise_error()
+            run_checks_now(checks)
             return torch.zeros_like(self.image_placeholder_mask(input_ids)) if skipped is None else skipped
         return self.embed_multimodal(input_ids, pixel_values, **image_inputs)[1]
 
