@@ -82,14 +82,14 @@ FULL_DEFAULTS: dict[str, Any] = {
     "num_examples": 6000,
     "eval_limit": 300,
 }
-#: ``--quick``: two trainings (vanilla and Skip-Vision) of 24 steps, 48 test records, one timing round; the
+#: ``--quick``: two trainings (vanilla and Skip-Vision) of 200 steps, 48 test records, one timing round; the
 #: training-free rows (cheap: evaluation only) keep every method
 QUICK: dict[str, Any] = {
     "budgets": (0.4,),
     "fine_tune_budgets": (0.4,),
     "fine_tune_methods": ("skip_vision",),
-    "steps": 24,
-    "num_examples": 600,
+    "steps": 200,
+    "num_examples": 1600,
     "eval_limit": 48,
     "timing_repeats": 1,
 }
