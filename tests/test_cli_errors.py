@@ -270,7 +270,7 @@ CASES = [
     ("compare-eval-limit", "compare --out {root}/c --eval-limit -1", "--eval-limit: must be at least 0", None),
     ("compare-nothing", "compare --out {root}/c --methods", "no method, regime or ablation", None),
     ("compare-data-alone", "compare --out {root}/c --data {train}", "give both", None),
-    ("compare-other-run", "compare --out {root}/old-compare --quick", "steps 400 -> 24", None),
+    ("compare-other-run", "compare --out {root}/old-compare --quick", "steps 400 -> 200", None),
     ("compare-out-is-file", "compare --out {root}/a-file --quick", "is a file", None),
     # lmms-eval-task
     ("task-new-tokens-0", "lmms-eval-task --data {test} --out {root}/t --max-new-tokens 0", "must be at least 1", None),
