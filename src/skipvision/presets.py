@@ -3,7 +3,7 @@ tokenizer with a chat template, and a processor, saved as a normal HF checkpoint
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -199,23 +199,6 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
         vision_intermediate=4096,
         vocab_size=32064,
     ),  # fmt: skip
-    "llava-next-7b": ModelPreset(
-        "llava-next",
-        336,
-        14,
-        1024,
-        24,
-        4096,
-        11008,
-        32,
-        32,
-        32,
-        SkipVisionConfig(num_retained=576, num_skipped=576),
-        grid=((1, 2), (2, 1), (2, 2), (3, 1), (1, 3)),
-        vision_heads=16,
-        vision_intermediate=4096,
-        vocab_size=32064,
-    ),  # fmt: skip
     "qwen2.5-vl-7b": ModelPreset(
         "qwen2.5-vl",
         672,
@@ -235,6 +218,15 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
         vision_full_attention=(7, 15, 23, 31),
     ),  # fmt: skip
 }
+
+# LLaVA-NeXT-7B: the same CLIP-L/336 + Vicuna-7B, the base image and up to 2x2 anyres tiles, R = the base (576), the
+# tiles merged to 576 (SV-LLaVA-HD)
+MODEL_PRESETS["llava-next-7b"] = replace(
+    MODEL_PRESETS["llava-1.5-7b"],
+    family="llava-next",
+    skip_vision=SkipVisionConfig(num_retained=576, num_skipped=576),
+    grid=((1, 2), (2, 1), (2, 2), (3, 1), (1, 3)),
+)
 
 #: the presets at a real checkpoint's size (too large for a CPU run; ``skipvision bench --device cuda``)
 PAPER_PRESETS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b")
