@@ -4,7 +4,8 @@
 
 The earlier commit is checked out into a temporary git worktree; today's ``skipvision.opcount`` is copied into
 it, so both sides are counted the same way, on the same batches: tests/families.py's tiny models (3 decoder
-layers), 4 left-padded samples with one image each of the same size. Prints a markdown table.
+layers), 4 left-padded samples with one image each of the same size. Prints a markdown table, after the prefill's
+extra ops per decoder layer and fixed (LLaVA at 3 and 6 layers, batch 1 and 4).
 """
 
 from __future__ import annotations
@@ -40,10 +41,36 @@ print("COUNTS" + json.dumps(out))
 """
 
 
-def counts(tree: Path) -> dict:
+SLOPE = """
+import copy, json, sys
+sys.path.insert(0, sys.argv[1] + "/tests")
+import torch, skipvision
+from conftest import pair, prompts
+from test_skip_kv import CFG
+from skipvision.opcount import count_ops
+torch.set_grad_enabled(False)
+def prefill(model, cfg, batch):
+    span = cfg if cfg.num_retained is not None else 64
+    ids, mask, pixels = prompts([1] * batch, span, [3, 6, 2, 5][:batch], [4, 1, 2, 3][:batch])
+    with count_ops() as counts:
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True)
+    return counts.ops
+out = {}
+for batch in (1, 4):
+    extra = {}
+    for layers in (3, 6):
+        vanilla, skip = pair(CFG, num_layers=layers)
+        native = skipvision.convert(copy.deepcopy(vanilla), skipvision.vanilla_config())
+        extra[layers] = prefill(skip, CFG, batch) - prefill(native, skipvision.vanilla_config(), batch)
+    out[batch] = {"per_layer": (extra[6] - extra[3]) / 3, "fixed": extra[3] - (extra[6] - extra[3])}
+print("COUNTS" + json.dumps(out))
+"""
+
+
+def counts(tree: Path, code: str = COUNT, args: tuple[str, ...] = tuple(NAMES)) -> dict:
     env = {"PYTHONPATH": str(tree / "src"), "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
-        [sys.executable, "-c", COUNT, str(tree), *NAMES], capture_output=True, text=True, env=env, cwd=tree
+        [sys.executable, "-c", code, str(tree), *args], capture_output=True, text=True, env=env, cwd=tree
     )
     line = next((x for x in result.stdout.splitlines() if x.startswith("COUNTS")), None)
     if line is None:
@@ -59,9 +86,19 @@ def main() -> None:
         try:
             shutil.copy(ROOT / "src/skipvision/opcount.py", old_tree / "src/skipvision/opcount.py")
             before = counts(old_tree)
+            before_slope = counts(old_tree, SLOPE, ())
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_tree)], check=True)
     after = counts(ROOT)
+    after_slope = counts(ROOT, SLOPE, ())
+    print("Prefill ops over vanilla's, LLaVA (tests/conftest.py's model at 3 and 6 layers, one image per sample):")
+    for batch in ("1", "4"):
+        old, new = before_slope[batch], after_slope[batch]
+        print(
+            f"- B={batch}: per decoder layer {old['per_layer']:+.0f} at {base}, {new['per_layer']:+.0f} now; "
+            f"fixed {old['fixed']:+.0f} at {base}, {new['fixed']:+.0f} now"
+        )
+    print()
     print(f"| family (3 layers, B=4) | phase | vanilla now | Skip-Vision at {base} | Skip-Vision now |")
     print("| --- | --- | --- | --- | --- |")
     for name in NAMES:
