@@ -44,15 +44,14 @@ class RowStateCacheMixin:
         self.__class__ = self.__class__.__bases__[1]
 
 
-def compact_slots(keep: torch.Tensor, counts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def compact_slots(keep: torch.Tensor, host_counts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Slots of the kept columns of ``keep (batch, L)``: ``(index, valid)``, both ``(batch, K)`` with K the widest
     row's count. Each row lists its kept columns first, in their order; a shorter row's tail points at columns it
-    did not keep, marked invalid. ``counts``: each row's kept columns, if the host already has them (no wait)."""
-    batch, length = keep.shape
-    width = max(counts) if counts is not None else None
+    did not keep, marked invalid. ``host_counts``: each row's kept columns, if the host already has them (no wait
+    for the device to learn K)."""
+    length = keep.shape[1]
     counts = keep.sum(dim=1)
-    if width is None:
-        width = int(counts.max())
+    width = max(host_counts) if host_counts is not None else int(counts.max())
     order = ((~keep).long() * length + torch.arange(length, device=keep.device)).argsort(dim=1)
     valid = torch.arange(width, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)
     return order[:, :width], valid
