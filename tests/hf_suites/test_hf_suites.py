@@ -19,6 +19,8 @@ import os
 import unittest
 
 import pytest
+import transformers
+from packaging import version
 
 import hf_suites
 import skipvision
@@ -70,7 +72,23 @@ COMMON_SKIPS: dict[str, str] = {
 
 LLAVA_SKIPS: dict[str, str] = {}
 LLAVA_NEXT_SKIPS: dict[str, str] = {}
-LLAVA_ONEVISION_SKIPS: dict[str, str] = {}
+#: transformers 5.17's shared suite tests OneVision's video features in a way that fails for HF's own class too in
+#: this harness (SKIPVISION_HF_SUITES_CONTROL=1 shows it); 5.18 and later pass
+VIDEO_FEATURES_517 = "fails for HF's own class too on transformers 5.17 (SKIPVISION_HF_SUITES_CONTROL=1)"
+LLAVA_ONEVISION_SKIPS: dict[str, str] = (
+    {
+        name: VIDEO_FEATURES_517
+        for name in (
+            "test_get_video_features_attentions",
+            "test_get_video_features_hidden_states",
+            "test_get_video_features_output_0",
+            "test_get_video_features_output_1",
+            "test_get_video_features_output_2",
+        )
+    }
+    if version.parse(transformers.__version__) < version.parse("5.18")
+    else {}
+)
 MERGE_IN_HALF_PRECISION = (
     "by design: the full layout's ToMe merge is discrete (which tokens merge, and into which, comes from a sort and "
     "an argmax of token similarities); in fp16/bf16 the eager and SDPA vision towers differ by rounding (0.2%), enough "
