@@ -50,8 +50,7 @@ def check_image_spans(is_image: torch.Tensor, counts: list[int], per_sample: lis
                 f"(per-image counts {counts[:8]})"
             )
     # a run of placeholders may only start on an image boundary (its rank among all placeholders)
-    rank = is_image.flatten().cumsum(0).view_as(is_image) - 1
-    starts = is_image & ~torch.nn.functional.pad(is_image[:, :-1], (1, 0))
+    rank, starts = placeholder_ranks(is_image), run_starts(is_image)
     if len(set(counts)) <= 1:
         on_boundary = rank % max(counts[0] if counts else 1, 1) == 0
     else:
@@ -64,14 +63,24 @@ def check_image_spans(is_image: torch.Tensor, counts: list[int], per_sample: lis
 def raise_for_split_images(is_image: torch.Tensor, counts: list[int]) -> None:
     """Name the first image whose placeholders are split by other tokens (the slow path of a failed check)."""
     boundaries = list(itertools.accumulate(counts, initial=0))
-    rank = (is_image.flatten().cumsum(0).view_as(is_image) - 1).cpu()
-    starts = (is_image & ~torch.nn.functional.pad(is_image[:, :-1], (1, 0))).cpu()
+    rank, starts = placeholder_ranks(is_image).cpu(), run_starts(is_image).cpu()
     inside = [r for r in rank[starts].tolist() if r not in boundaries]
     image = bisect.bisect_right(boundaries, inside[0]) - 1 if inside else 0
     raise ValueError(
         f"image {image}'s placeholder tokens are split by other tokens; each image's placeholders must be one "
         "unbroken run (as the processor writes them)"
     )
+
+
+def placeholder_ranks(is_image: torch.Tensor) -> torch.Tensor:
+    """``(batch, seq)``: each placeholder's rank among all placeholders, in row-major order (image features fill
+    them in that order); -1 before the first."""
+    return is_image.flatten().cumsum(0).view_as(is_image) - 1
+
+
+def run_starts(is_image: torch.Tensor) -> torch.Tensor:
+    """``(batch, seq)``: the placeholders that start a run (the token before them, in the same sample, is not one)."""
+    return is_image & ~torch.nn.functional.pad(is_image[:, :-1], (1, 0))
 
 
 def host_to_device(values: list, device: torch.device) -> torch.Tensor:
@@ -93,8 +102,7 @@ def skipped_token_mask(
     """
     is_image = input_ids == image_token_id
     if counts is None:
-        rank = is_image.flatten().cumsum(0).view_as(input_ids) - 1
-        offset = rank % config.num_image_tokens
+        offset = placeholder_ranks(is_image) % config.num_image_tokens
         start, end = config.skipped_span
         return is_image & (offset >= start) & (offset < end)
     flags = [config.image_layout(visual).skipped_flags(input_ids.device) for visual in counts]
@@ -105,10 +113,9 @@ def scatter_image_flags(is_image: torch.Tensor, flags: torch.Tensor) -> torch.Te
     """Place per-placeholder ``flags`` (row-major order of the placeholders) into a ``(batch, seq)`` mask."""
     # a gather by each placeholder's rank, not boolean indexing: no output shape depends on the data, so the host
     # never waits for the device, and a count that does not match (checked by the caller) cannot index out of range
-    rank = (is_image.flatten().cumsum(0).view_as(is_image) - 1).clamp(0, max(flags.numel() - 1, 0))
     if flags.numel() == 0:
         return torch.zeros_like(is_image)
-    return is_image & flags[rank]
+    return is_image & flags[placeholder_ranks(is_image).clamp(0, flags.numel() - 1)]
 
 
 def placeholder_runs(is_image: torch.Tensor) -> list[int]:
