@@ -29,6 +29,8 @@ from .api import configure_processor, convert, family_of
 from .config import SkipVisionConfig, vanilla_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: where the bench (and the latency protocol) runs unless told: the GPU when there is one
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 WORDS = "what color shape is the left right small large count how many square circle triangle".split()
 
 
@@ -44,7 +46,7 @@ class BenchSettings:
     repeats: int = 3
     train: bool = True
     freeze_tower: bool = False  # train the language model and projector only (the usual fine-tuning recipe)
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = DEFAULT_DEVICE
 
 
 def variants(skip: SkipVisionConfig) -> dict[str, SkipVisionConfig]:

@@ -584,15 +584,14 @@ def _bench_model(args: argparse.Namespace):
         processor = load_processor(args.model, vanilla_config())
         layers = base.config.get_text_config().num_hidden_layers
         return base, processor, skip, f"model {args.model} ({family.name}, {layers} layers)"
-    import torch
 
-    from .bench import DTYPES
+    from .bench import DEFAULT_DEVICE, DTYPES
     from .presets import PAPER_PRESETS
 
     preset = get_preset(args.preset)
     skip = _skip_vision_from_args(args, preset.skip_vision)
     tokenizer = build_tokenizer(tokenizer_corpus(), family=preset.family)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or DEFAULT_DEVICE
     if args.preset in PAPER_PRESETS and not device.startswith("cuda"):
         raise ValueError(
             f"preset {args.preset} is a paper-size model (7-8 B parameters): run it on a GPU with --device cuda "

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from .api import configure_processor, convert, family_of
-from .bench import DTYPES, make_inputs, variants
+from .bench import DEFAULT_DEVICE, DTYPES, make_inputs, variants
 from .config import SkipVisionConfig
 
 CACHES = ("dynamic", "static")
@@ -37,7 +37,7 @@ class LatencySettings:
     image_size: int = 336  # for dynamic-resolution towers (Qwen-VL)
     repeats: int = 3
     profile: bool = False
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = DEFAULT_DEVICE
 
 
 def check_latency_settings(settings: LatencySettings) -> None:
