@@ -1,4 +1,4 @@
-"""Install step: put the installed transformers' shared model-test files where ``tests/hf_suites/test_hf_suites.py`` finds them.
+"""Install step: put the installed transformers' shared model-test files where ``tests/hf_suites`` finds them.
 
 transformers' source distribution on PyPI ships the shared test mixins of its ``tests/`` folder
 (``test_modeling_common.py``, ``test_configuration_common.py``, ...), the same version as the installed library.

@@ -57,16 +57,18 @@ def variants(skip: SkipVisionConfig) -> dict[str, SkipVisionConfig]:
     }
 
 
-def _sync(device: str) -> None:
+def sync_device(device: str) -> None:
+    """Wait for the device's queued work (a GPU's), so a clock reads what the work took."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def _timed(fn: Callable[[], Any], device: str) -> float:
-    _sync(device)
+def timed(fn: Callable[[], Any], device: str) -> float:
+    """Seconds ``fn()`` takes on ``device``, its queued work included."""
+    sync_device(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    sync_device(device)
     return time.perf_counter() - start
 
 
@@ -139,11 +141,11 @@ class ModuleClock:
         self._starts: dict[str, list[float]] = {part: [] for part in parts}
 
     def _enter(self, part: str) -> None:
-        _sync(self.device)
+        sync_device(self.device)
         self._starts[part].append(time.perf_counter())
 
     def _exit(self, part: str) -> None:
-        _sync(self.device)
+        sync_device(self.device)
         self.seconds[part] += time.perf_counter() - self._starts[part].pop()
 
     def __enter__(self) -> ModuleClock:
@@ -178,11 +180,11 @@ def _inference_samplers(
 
     def prefill() -> dict[str, float]:
         with ModuleClock(tower, settings.device) as clock:
-            seconds = _timed(lambda: model(**prompt, use_cache=True, logits_to_keep=1), settings.device)
+            seconds = timed(lambda: model(**prompt, use_cache=True, logits_to_keep=1), settings.device)
         return {"prefill_seconds": seconds, "prefill_tower_seconds": clock.seconds["tower"]}
 
     def generate() -> dict[str, float]:
-        return {"generate_seconds": _timed(lambda: model.generate(**prompt, **gen_kwargs), settings.device)}
+        return {"generate_seconds": timed(lambda: model.generate(**prompt, **gen_kwargs), settings.device)}
 
     def decode() -> dict[str, float]:
         """``new_tokens`` greedy decode steps from a copy (untimed) of one prefilled cache, per step."""
@@ -196,7 +198,7 @@ def _inference_samplers(
                 out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
 
-        return {"decode_seconds_per_token": _timed(steps, settings.device) / n}
+        return {"decode_seconds_per_token": timed(steps, settings.device) / n}
 
     return [prefill, generate, decode]
 
@@ -213,7 +215,7 @@ def _train_sampler(model: PreTrainedModel, inputs: dict[str, torch.Tensor], sett
             optimizer.step()
 
         step()
-        seconds = _timed(step, settings.device)
+        seconds = timed(step, settings.device)
         optimizer.zero_grad(set_to_none=True)
         return {"train_step_seconds": seconds}
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from .api import configure_processor, convert, family_of
-from .bench import DEFAULT_DEVICE, DTYPES, make_inputs, variants
+from .bench import DEFAULT_DEVICE, DTYPES, make_inputs, sync_device, timed, variants
 from .config import SkipVisionConfig
 
 CACHES = ("dynamic", "static")
@@ -54,11 +53,6 @@ def check_latency_settings(settings: LatencySettings) -> None:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {settings.dtype!r}")
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _generate_seconds(model: PreTrainedModel, inputs: dict[str, torch.Tensor], tokens: int, cache: str, device: str):
     kwargs = dict(
         max_new_tokens=tokens,
@@ -69,12 +63,8 @@ def _generate_seconds(model: PreTrainedModel, inputs: dict[str, torch.Tensor], t
     )
     if cache == "static":
         kwargs["cache_implementation"] = "static"
-    _sync(device)
-    start = time.perf_counter()
     with torch.no_grad():
-        model.generate(**inputs, **kwargs)
-    _sync(device)
-    return time.perf_counter() - start
+        return timed(lambda: model.generate(**inputs, **kwargs), device)
 
 
 def _profile_decode(model: PreTrainedModel, inputs: dict[str, torch.Tensor], device: str, steps: int = 4) -> str:
@@ -85,12 +75,12 @@ def _profile_decode(model: PreTrainedModel, inputs: dict[str, torch.Tensor], dev
         out = model(**inputs, use_cache=True)
         cache, token, mask = out.past_key_values, out.logits[:, -1:].argmax(-1), inputs["attention_mask"]
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-        _sync(device)
+        sync_device(device)
         with profile(activities=activities) as prof:
             for _ in range(steps):
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
                 token = model(input_ids=token, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
-            _sync(device)
+            sync_device(device)
     sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=25)
     waits = [
