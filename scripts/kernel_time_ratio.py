@@ -22,10 +22,10 @@ from collections import defaultdict
 import torch
 
 from skipvision import configure_processor, convert, family_of, vanilla_config
-from skipvision import flops as F
-from skipvision.bench import ModuleClock, make_inputs
 from skipvision.config import in_place_config
-from skipvision.presets import build_model, build_processor, build_tokenizer, get_preset, tokenizer_corpus
+from skipvision.harness import measure
+from skipvision.harness.bench import ModuleClock, make_inputs
+from skipvision.harness.presets import build_model, build_processor, build_tokenizer, get_preset, tokenizer_corpus
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
         prompt = family_of(model).image_prompt(proc, base.config)
         size = (args.image_size, args.image_size)
         inputs = make_inputs(proc, args.batch, 24, size, "cpu", torch.float32, prompt)
-        variants[name] = (model, inputs, F.batch_flops(model, inputs, train_tower=True))
+        variants[name] = (model, inputs, measure.batch_flops(model, inputs, train_tower=True))
 
     def prefill(model, inputs) -> None:
         model.eval()

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/op_counts_since.py e1bdfbc
 
-The earlier commit is checked out into a temporary git worktree; today's ``skipvision.opcount`` is copied into
+The earlier commit is checked out into a temporary git worktree; today's ``skipvision.harness.opcount`` is copied into
 it, so both sides are counted the same way, on the same batches: tests/families.py's tiny models (3 decoder
 layers), 4 left-padded samples with one image each of the same size. Prints a markdown table, after the prefill's
 extra ops per decoder layer and fixed (LLaVA at 3 and 6 layers, batch 1 and 4).
@@ -24,7 +24,7 @@ import copy, json, sys
 sys.path.insert(0, sys.argv[1] + "/tests")
 import skipvision
 from families import FAMILIES, images, pair, processor
-from skipvision.opcount import count_model_ops
+from skipvision.harness.opcount import count_model_ops
 TEXTS = [" what color is it?", "a b", " is the shape on the left", " compare"]
 def batch(name, cfg, model_config):
     proc = processor(name, cfg, model_config)
@@ -47,7 +47,7 @@ sys.path.insert(0, sys.argv[1] + "/tests")
 import torch, skipvision
 from conftest import pair, prompts
 from test_skip_kv import CFG
-from skipvision.opcount import count_ops
+from skipvision.harness.opcount import count_ops
 torch.set_grad_enabled(False)
 def prefill(model, cfg, batch):
     span = cfg if cfg.num_retained is not None else 64

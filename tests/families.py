@@ -13,7 +13,7 @@ from PIL import Image
 
 import skipvision
 from skipvision import SkipVisionConfig
-from skipvision.presets import (
+from skipvision.harness.presets import (
     MODEL_PRESETS,
     QWEN_FAMILIES,
     QWEN_IMAGE,

@@ -20,9 +20,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 
 import skipvision
-from skipvision.data import LlavaCollator, LlavaJsonDataset
-from skipvision.presets import MODEL_PRESETS
-from skipvision.train import load_for_training
+from skipvision.harness.data import LlavaCollator, LlavaJsonDataset
+from skipvision.harness.presets import MODEL_PRESETS
+from skipvision.harness.train import load_for_training
 
 SKIP = MODEL_PRESETS["tiny"].skip_vision
 

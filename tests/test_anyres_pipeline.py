@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import skipvision
-from skipvision.data import LlavaCollator, LlavaJsonDataset, make_dataset
-from skipvision.evaluate import evaluate
-from skipvision.presets import MODEL_PRESETS, init_model
-from skipvision.train import TrainConfig, train
+from skipvision.harness.data import LlavaCollator, LlavaJsonDataset, make_dataset
+from skipvision.harness.evaluate import evaluate
+from skipvision.harness.presets import MODEL_PRESETS, init_model
+from skipvision.harness.train import TrainConfig, train
 
 
 @pytest.mark.parametrize("preset", ["tiny-next", "tiny-onevision"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from families import FAMILIES, processor, vanilla_model
 
-from skipvision.bench import (
+from skipvision.harness.bench import (
     BenchSettings,
     format_table,
     round_ratio_quartiles,
@@ -112,7 +112,7 @@ def test_gpu_command_runs_on_the_cpu_at_a_tiny_preset():
 def test_paper_presets_have_the_papers_geometry():
     """Parameter counts of the paper-size presets, built on the meta device (no memory): LLaVA-1.5-7B is 7.06 B,
     Qwen2.5-VL-7B 8.29 B."""
-    from skipvision.presets import MODEL_PRESETS, build_model, build_tokenizer, tokenizer_corpus
+    from skipvision.harness.presets import MODEL_PRESETS, build_model, build_tokenizer, tokenizer_corpus
 
     expected = {"llava-1.5-7b": 7.06, "llava-next-7b": 7.06, "qwen2.5-vl-7b": 8.29}
     for name, billions in expected.items():

@@ -130,7 +130,7 @@ def test_processor_save_pretrained_round_trip(preset, tmp_path):
     torchvision's video side, saves as its parts), and the Quickstart's save (model and processor) loads back."""
     from PIL import Image
 
-    from skipvision.presets import MODEL_PRESETS, init_model
+    from skipvision.harness.presets import MODEL_PRESETS, init_model
 
     base = init_model(preset, tmp_path / "base")
     cfg = MODEL_PRESETS[preset].skip_vision

@@ -1,8 +1,8 @@
 """Every bad command line is one ``error: ...`` line on stderr with exit status 2: no traceback, no silent result.
 
-The table below is run in-process through ``skipvision.cli.main``; the checkpoints it needs (a tiny one and damaged
-copies of it) are built once for the module. A few rows inject a failure (a full disk, a read-only folder) that a
-test cannot otherwise cause.
+The table below is run in-process through ``skipvision.harness.cli.main``; the checkpoints it needs (a tiny one and
+damaged copies of it) are built once for the module. A few rows inject a failure (a full disk, a read-only folder)
+that a test cannot otherwise cause.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from skipvision import cli
-from skipvision import train as train_module
-from skipvision.data import make_dataset
-from skipvision.presets import init_model
+from skipvision.harness import cli
+from skipvision.harness import train as train_module
+from skipvision.harness.data import make_dataset
+from skipvision.harness.presets import init_model
 
 
 @pytest.fixture(scope="module")
@@ -322,12 +322,12 @@ def test_bench_without_cuda_names_the_device(capsys):
 
 def test_eval_out_is_checked_before_the_evaluation(env, capsys, monkeypatch):
     """A bad --out is refused before the model loads, not after the whole evaluation."""
-    import skipvision.evaluate
+    import skipvision.harness.evaluate
 
     def never(*args, **kwargs):
         raise AssertionError("the evaluation ran although --out cannot be written")
 
-    monkeypatch.setattr(skipvision.evaluate, "evaluate", never)
+    monkeypatch.setattr(skipvision.harness.evaluate, "evaluate", never)
     assert cli.main(_eval("--out /proc/skipvision-no/x.json").format(**env).split()) == 2
     assert "is not an existing folder" in capsys.readouterr().err
 
@@ -367,7 +367,7 @@ def test_help_shows_each_default_once(capsys):
 
 
 def test_quick_compare_says_what_it_leaves_out_and_keeps_given_options():
-    from skipvision.compare import QUICK, CompareSettings, quick
+    from skipvision.harness.compare import QUICK, CompareSettings, quick
 
     fast = quick(CompareSettings(out=Path("unused")))
     assert fast.steps == QUICK["steps"] and fast.budgets == (0.4,) and fast.fine_tune_methods == ("skip_vision",)

@@ -8,8 +8,8 @@ import json
 import pytest
 
 import skipvision
-from skipvision import compare as C
-from skipvision.presets import get_preset, init_model
+from skipvision.harness import compare as C
+from skipvision.harness.presets import get_preset, init_model
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import torch
 
 import skipvision
 from skipvision import SkipVisionConfig
-from skipvision.data import IGNORE_INDEX, DataError, LlavaCollator, LlavaJsonDataset, RecordError, make_dataset
-from skipvision.presets import init_model
+from skipvision.harness.data import IGNORE_INDEX, DataError, LlavaCollator, LlavaJsonDataset, RecordError, make_dataset
+from skipvision.harness.presets import init_model
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def processor(checkpoint):
-    return skipvision.load_processor(checkpoint, skipvision.presets.MODEL_PRESETS["tiny"].skip_vision)
+    return skipvision.load_processor(checkpoint, skipvision.harness.presets.MODEL_PRESETS["tiny"].skip_vision)
 
 
 def write(tmp_path, records, images=()):
@@ -50,7 +50,7 @@ def test_labels_supervise_only_assistant_answers(tmp_path, processor):
     tok = processor.tokenizer
     ids, labels = item["input_ids"], item["labels"]
     image_id = tok.convert_tokens_to_ids("<image>")
-    tiny = skipvision.presets.MODEL_PRESETS["tiny"].skip_vision
+    tiny = skipvision.harness.presets.MODEL_PRESETS["tiny"].skip_vision
     assert int((ids == image_id).sum()) == skipvision.num_image_tokens(tiny)
     assert (labels[ids == image_id] == IGNORE_INDEX).all()
     supervised = tok.decode(labels[labels != IGNORE_INDEX])
@@ -149,7 +149,7 @@ def test_configure_processor_expands_image_to_skip_vision_count(processor):
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert int((out["input_ids"] == image_id).sum()) == 52
     assert out["pixel_values"].shape == (1, 3, 168, 168)
-    skipvision.configure_processor(processor, skipvision.presets.MODEL_PRESETS["tiny"].skip_vision)
+    skipvision.configure_processor(processor, skipvision.harness.presets.MODEL_PRESETS["tiny"].skip_vision)
     assert torch.is_tensor(out["input_ids"])
 
 

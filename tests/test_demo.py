@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from skipvision.demo import demo
+from skipvision.harness.demo import demo
 
 FIELDS = (
     "accuracy",

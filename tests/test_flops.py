@@ -13,6 +13,7 @@ from conftest import IMAGE_TOKEN_ID, pair, prompts
 import skipvision
 from skipvision import SkipVisionConfig
 from skipvision import flops as F
+from skipvision.harness import measure
 
 CONFIGS = {
     "tome+summary+cls": SkipVisionConfig(num_retained=16, num_skipped=24),
@@ -24,7 +25,7 @@ CONFIGS = {
 
 
 def analytic_forward(model, cfg, text_tokens, images, batch):
-    shape = F.shape_of(model.config)
+    shape = skipvision.family_of(model).model_shape(model.config)
     counts = F.sequence_counts(shape, text_tokens, images, cfg)
     lm = F.language_flops(shape, counts, logits=counts.attention_length, causal=False, skip_layers=cfg.skip_layers)
     vision = F.vision_flops(shape, images)
@@ -37,7 +38,7 @@ def test_forward_flops_match_flop_counter(name):
     _, model = pair(cfg)
     ids, _, pixels = prompts([2, 2], cfg, [3, 3], [5, 5])
     text = int((ids[0] != IMAGE_TOKEN_ID).sum())
-    total, per_module = F.measured_flops(lambda: model(input_ids=ids, pixel_values=pixels))
+    total, per_module = measure.measured_flops(lambda: model(input_ids=ids, pixel_values=pixels))
     lm, vision, parts = analytic_forward(model, cfg, text, 2, batch=2)
     assert abs((lm + vision) / total - 1) <= 0.02
     measured_lm = per_module["SkipVisionLlavaForConditionalGeneration.model.language_model"]
@@ -47,7 +48,7 @@ def test_forward_flops_match_flop_counter(name):
     mlp = sum(v for k, v in per_module.items() if ".language_model." in k and k.endswith(".mlp"))
     assert mlp == 2 * parts["ffn"]
     # a real batch's prefill parts (the bench's per-part view) add up, the FFN exactly as measured
-    analytic = F.batch_flops(model, {"input_ids": ids, "pixel_values": pixels})
+    analytic = measure.batch_flops(model, {"input_ids": ids, "pixel_values": pixels})
     assert analytic["prefill_language_model_parts"]["ffn"] == mlp
     assert sum(analytic["prefill_language_model_parts"].values()) == analytic["prefill_language_model"]
 
@@ -66,9 +67,9 @@ def test_list_valued_feature_layers_are_counted():
     config.vision_feature_layer = [-2, -1]
     model = skipvision.convert(copy.deepcopy(LlavaForConditionalGeneration(config)), cfg).eval()
     ids, _, pixels = prompts([2, 2], cfg, [3, 3], [5, 5])
-    total, _ = F.measured_flops(lambda: model(input_ids=ids, pixel_values=pixels))
+    total, _ = measure.measured_flops(lambda: model(input_ids=ids, pixel_values=pixels))
     lm, vision, _ = analytic_forward(model, cfg, int((ids[0] != IMAGE_TOKEN_ID).sum()), 2, batch=2)
-    assert F.shape_of(model.config).vision.feature_layers == 2
+    assert skipvision.family_of(model).model_shape(model.config).vision.feature_layers == 2
     assert abs((lm + vision) / total - 1) <= 0.02
 
 
@@ -78,8 +79,8 @@ def test_skipping_removes_exactly_the_ffn_of_skipped_tokens():
     ids, _, pixels = prompts([1], cfg, [3], [5])
     embeds, skipped = model.embed_multimodal(ids, pixels)
     base = super(type(model), model)
-    _, with_skip = F.measured_flops(lambda: model(input_ids=ids, pixel_values=pixels))
-    _, without = F.measured_flops(lambda: base.forward(inputs_embeds=embeds))
+    _, with_skip = measure.measured_flops(lambda: model(input_ids=ids, pixel_values=pixels))
+    _, without = measure.measured_flops(lambda: base.forward(inputs_embeds=embeds))
     d, m, layers = 64, 160, 3
     mlp = lambda counts: sum(v for k, v in counts.items() if "language_model" in k and k.endswith(".mlp"))  # noqa: E731
     assert mlp(without) - mlp(with_skip) == 6 * d * m * cfg.num_skipped * layers
@@ -96,8 +97,8 @@ def test_training_step_flops_are_three_forwards():
     model.model.vision_tower.requires_grad_(False)
     ids, _, pixels = prompts([1, 1], cfg, [3, 3], [5, 5])
     labels = ids.masked_fill(ids == IMAGE_TOKEN_ID, -100)
-    total, _ = F.measured_flops(lambda: model(input_ids=ids, pixel_values=pixels, labels=labels).loss.backward())
-    shape = F.shape_of(model.config)
+    total, _ = measure.measured_flops(lambda: model(input_ids=ids, pixel_values=pixels, labels=labels).loss.backward())
+    shape = skipvision.family_of(model).model_shape(model.config)
     counts = F.sequence_counts(shape, int((ids[0] != IMAGE_TOKEN_ID).sum()), 1, cfg)
     lm = sum(F.language_flops(shape, counts, logits=counts.attention_length, causal=False).values())
     vision = F.vision_flops(shape, images=1)
@@ -117,7 +118,7 @@ def test_training_step_flops_are_three_forwards():
     ],
 )
 def test_presets_reproduce_the_paper_flops_column(preset, overrides, paper):
-    p = F.PRESETS[preset]
+    p = F.PAPER_SHAPES[preset]
     cfg = SkipVisionConfig(**{**p.skip_vision.to_dict(), **overrides})
     assert p.paper_ratio(cfg) == paper
     result = F.compare(p.shape, cfg, text_tokens=F.DEFAULT_TEXT_TOKENS)
@@ -137,7 +138,7 @@ def test_flops_cli_json():
 
 
 def test_decode_context_and_kv_bytes():
-    p = F.PRESETS["llava-llama3-8b"]
+    p = F.PAPER_SHAPES["llava-llama3-8b"]
     rep = F.report(p.shape, p.skip_vision, text_tokens=16, new_tokens=2)
     assert rep["kv_cache_entries_after_prefill"] == rep["attention_length"] - 156
     assert F.kv_cache_bytes(p.shape, 1) == 2 * 32 * 8 * 128 * 2
@@ -146,15 +147,15 @@ def test_decode_context_and_kv_bytes():
 
 def test_anyres_presets_scale_with_tiles():
     """Vanilla's language-model cost grows with every tile; Skip-Vision's stays at N_r + 2 full + N_s skipped."""
-    p = F.PRESETS["llava-next-llama3-8b"]
+    p = F.PAPER_SHAPES["llava-next-llama3-8b"]
     results = [F.compare(p.shape_for(t), p.skip_vision, text_tokens=16) for t in (1, 2, 4, 8)]
     assert len({r["skip_vision_flops"] for r in results}) == 1
     assert [r["ratio"] for r in results] == sorted((r["ratio"] for r in results), reverse=True)
     shape = p.shape_for(4)  # 2x2 grid of 24x24-token tiles: 48 newline rows in the vanilla model
     assert shape.native_tokens == 576 * 5 + 48 and shape.eligible == 576 and shape.towers_per_image == 5
-    assert F.PRESETS["llava-hd-llama3-8b"].shape_for(4).native_tokens == 576 * 5
+    assert F.PAPER_SHAPES["llava-hd-llama3-8b"].shape_for(4).native_tokens == 576 * 5
     with pytest.raises(ValueError, match="no tiles"):
-        F.PRESETS["llava-llama3-8b"].shape_for(2)
+        F.PAPER_SHAPES["llava-llama3-8b"].shape_for(2)
 
 
 @pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
@@ -163,14 +164,14 @@ def test_qwen_tower_flops_match_flop_counter(preset):
     what FlopCounterMode counts for one non-square image."""
     from dataclasses import replace as dc_replace
 
-    from skipvision.presets import MODEL_PRESETS, build_model, build_tokenizer, tokenizer_corpus
+    from skipvision.harness.presets import MODEL_PRESETS, build_model, build_tokenizer, tokenizer_corpus
 
     spec = dc_replace(MODEL_PRESETS[preset], text_hidden=64, text_intermediate=128, text_layers=1)
     model = build_model(spec, build_tokenizer(tokenizer_corpus(), family=spec.family)).eval()
     grid = torch.tensor([[1, 8, 12]])
     pixels = torch.randn(int(grid.prod()), 3 * 2 * spec.patch_size**2)
     with torch.no_grad():
-        measured, _ = F.measured_flops(lambda: model.model.get_image_features(pixels, grid))
+        measured, _ = measure.measured_flops(lambda: model.model.get_image_features(pixels, grid))
     family = skipvision.family_of(model.config)
     tower, projector = family.tower_flops(model.config, 1, {"image_grid_thw": grid})
     assert tower + projector == measured

@@ -7,10 +7,10 @@ import json
 import pytest
 from conftest import run_cli as cli
 
-from skipvision.data import make_dataset
-from skipvision.generate import Request, generate
-from skipvision.presets import MODEL_PRESETS, init_model
-from skipvision.train import TrainConfig, train
+from skipvision.harness.data import make_dataset
+from skipvision.harness.generate import Request, generate
+from skipvision.harness.presets import MODEL_PRESETS, init_model
+from skipvision.harness.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

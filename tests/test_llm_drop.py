@@ -11,6 +11,7 @@ from conftest import IMAGE_TOKEN_ID, pair, prompts
 import skipvision
 from skipvision import flops as F
 from skipvision import llm_drop
+from skipvision.harness import measure
 from skipvision.peers import fastv, pyramid_drop
 
 LAYERS = 4
@@ -168,8 +169,8 @@ def test_flops_match_flop_counter():
     cfg = pyramid_drop(0.5, LAYERS, stages=4)
     _, model = pair(cfg, num_layers=LAYERS)
     ids, mask, pixels = prompts([1], SPAN, [3], [5])
-    total, _ = F.measured_flops(lambda: model(input_ids=ids, pixel_values=pixels))
-    shape = F.shape_of(model.config)
+    total, _ = measure.measured_flops(lambda: model(input_ids=ids, pixel_values=pixels))
+    shape = skipvision.family_of(model).model_shape(model.config)
     text = int((ids[0] != IMAGE_TOKEN_ID).sum())
     counts = F.sequence_counts(shape, text, 1, cfg)
     lm = F.language_flops(shape, counts, logits=ids.shape[1], causal=False, llm_drop=cfg.llm_drop)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import skipvision
-from skipvision.data import make_dataset
-from skipvision.evaluate import evaluate
-from skipvision.lmms_eval_task import write_task
-from skipvision.presets import MODEL_PRESETS, init_model
+from skipvision.harness.data import make_dataset
+from skipvision.harness.evaluate import evaluate
+from skipvision.harness.lmms_eval_task import write_task
+from skipvision.harness.presets import MODEL_PRESETS, init_model
 
 pytest.importorskip("lmms_eval")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the task's data are local files; never reach for the hub
@@ -86,8 +86,8 @@ def test_loglikelihood_scores_a_continuation_as_decoding_does(setup):
     KV-cache the continuation does not see the skipped tokens)."""
     from lmms_eval.api.instance import Instance
 
-    from skipvision.lmms_eval_model import SkipVisionLMM
-    from skipvision.lmms_eval_task import doc_to_text, doc_to_visual
+    from skipvision.harness.lmms_eval_model import SkipVisionLMM
+    from skipvision.harness.lmms_eval_task import doc_to_text, doc_to_visual
 
     root, model_dir, _, _ = setup
     lmm = SkipVisionLMM(pretrained=str(model_dir))
@@ -115,7 +115,7 @@ def test_loglikelihood_scores_a_continuation_as_decoding_does(setup):
 
 
 def test_bad_model_args_are_refused(setup):
-    from skipvision.lmms_eval_model import SkipVisionLMM
+    from skipvision.harness.lmms_eval_model import SkipVisionLMM
 
     _, model_dir, _, _ = setup
     with pytest.raises(ValueError, match="unknown skipvision model args"):

@@ -13,9 +13,9 @@ from test_training import setup as setup  # noqa: F401  (the module-scoped fixtu
 
 import skipvision
 from skipvision import SkipVisionConfig
+from skipvision.harness.presets import MODEL_PRESETS
+from skipvision.harness.train import RUN_MANIFEST, train
 from skipvision.lora import DEFAULT_TARGETS, LoraSettings, apply_lora
-from skipvision.presets import MODEL_PRESETS
-from skipvision.train import RUN_MANIFEST, train
 
 peft = pytest.importorskip("peft")
 CFG = SkipVisionConfig(num_retained=16, num_skipped=24)

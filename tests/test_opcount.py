@@ -1,4 +1,4 @@
-"""Deterministic launch and wait counts (``skipvision.opcount``): what an eager GPU forward pays per op and per
+"""Deterministic launch and wait counts (``skipvision.harness.opcount``): what an eager GPU forward pays per op and per
 host sync, counted on the CPU. Skip-Vision's prefill may add at most 6 ops per decoder layer plus 120 and 2 host
 syncs to vanilla's; a decode step at most 10 ops and no host sync (vanilla's decode step has HF's one, its SDPA mask
 check); the vanilla variant is the Skip-Vision class with the vanilla config, as in ``skipvision bench``."""
@@ -12,7 +12,7 @@ import torch
 from families import FAMILIES, images, pair, processor
 
 import skipvision
-from skipvision.opcount import count_model_ops, count_ops
+from skipvision.harness.opcount import count_model_ops, count_ops
 
 TEXTS = [" what color is it?", "a b", " is the shape on the left", " compare"]
 NAMES = [

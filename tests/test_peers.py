@@ -8,6 +8,7 @@ from conftest import IMAGE_TOKEN_ID, pair, prompts
 
 import skipvision
 from skipvision import flops as F
+from skipvision.harness import measure
 from skipvision.peers import token_drop, tome, visionzip
 
 
@@ -55,8 +56,8 @@ def test_budget_tokens_run_full_blocks_and_flops_match(cfg):
     assert rows == [ids.numel()] * len(layers)
     assert skipvision.skip_kv_state(out.past_key_values) is None
     # the analytic FLOPs of the shortened sequence are what FlopCounterMode counts
-    total, _ = F.measured_flops(lambda: model(input_ids=ids, pixel_values=pixels))
-    shape = F.shape_of(model.config)
+    total, _ = measure.measured_flops(lambda: model(input_ids=ids, pixel_values=pixels))
+    shape = skipvision.family_of(model).model_shape(model.config)
     counts = F.sequence_counts(shape, int((ids[0] != IMAGE_TOKEN_ID).sum()), 1, cfg)
     lm = F.language_flops(shape, counts, logits=counts.attention_length, causal=False, skip_layers=cfg.skip_layers)
     vision = sum(F.vision_flops(shape, 1).values()) + F.skip_vision_overhead(shape, cfg, 1)

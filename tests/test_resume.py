@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from skipvision import cli
-from skipvision.data import make_dataset
-from skipvision.presets import init_model
-from skipvision.train import RUN_MANIFEST, TrainConfig, train
+from skipvision.harness import cli
+from skipvision.harness.data import make_dataset
+from skipvision.harness.presets import init_model
+from skipvision.harness.train import RUN_MANIFEST, TrainConfig, train
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ from PIL import Image
 
 import skipvision
 from skipvision import SkipVisionConfig
-from skipvision.data import DataError, LlavaJsonDataset, make_dataset
-from skipvision.demo import format_table
-from skipvision.evaluate import evaluate
-from skipvision.presets import MODEL_PRESETS, init_model
-from skipvision.train import RUN_MANIFEST, TrainConfig, train
+from skipvision.harness.data import DataError, LlavaJsonDataset, make_dataset
+from skipvision.harness.demo import format_report
+from skipvision.harness.evaluate import evaluate
+from skipvision.harness.presets import MODEL_PRESETS, init_model
+from skipvision.harness.train import RUN_MANIFEST, TrainConfig, train
 
 CFG = SkipVisionConfig(num_retained=16, num_skipped=24)
 SKIP = MODEL_PRESETS["tiny"].skip_vision
@@ -64,7 +64,7 @@ def test_demo_table_survives_an_unresolved_decode_time():
         "generate_seconds": 0.1,
         "kv_cache_bytes": 1024,
     }
-    table = format_table({"vanilla": dict(row), "skip_vision": dict(row), "chance_accuracy": 0.3})
+    table = format_report({"vanilla": dict(row), "skip_vision": dict(row), "chance_accuracy": 0.3})
     assert "decode per token" in table and " - " in table
 
 

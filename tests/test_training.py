@@ -11,9 +11,9 @@ import torch
 from conftest import run_cli, run_torchrun
 
 import skipvision
-from skipvision.data import LlavaCollator, LlavaJsonDataset, make_dataset
-from skipvision.presets import MODEL_PRESETS, init_model
-from skipvision.train import RUN_MANIFEST, TrainConfig, train
+from skipvision.harness.data import LlavaCollator, LlavaJsonDataset, make_dataset
+from skipvision.harness.presets import MODEL_PRESETS, init_model
+from skipvision.harness.train import RUN_MANIFEST, TrainConfig, train
 
 SKIP = MODEL_PRESETS["tiny"].skip_vision
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the configs README points to, as shipped
@@ -139,7 +139,7 @@ def test_fsdp2_two_cpu_processes_match_one_process(setup):
 
 @pytest.mark.slow
 def test_fsdp_request_is_filled_from_the_model_and_never_silently_dropped(setup):
-    from skipvision.train import with_fsdp_wrap_classes
+    from skipvision.harness.train import with_fsdp_wrap_classes
 
     model = skipvision.from_pretrained(setup[1], skip_vision=SKIP)
     blocks = skipvision.family_of(model).block_class_names(model)

@@ -12,14 +12,15 @@ from .api import (
 )
 from .config import ImageLayout, SkipVisionConfig, in_place_config, num_image_tokens, vanilla_config
 from .families import FAMILIES
+from .families.base import Family
 from .families.llava import SkipVisionLlavaForConditionalGeneration
 from .families.llava_next import SkipVisionLlavaNextForConditionalGeneration
 from .families.llava_onevision import SkipVisionLlavaOnevisionForConditionalGeneration
 from .families.qwen2_5_vl import SkipVisionQwen2_5_VLForConditionalGeneration
 from .families.qwen3_vl import SkipVisionQwen3VLForConditionalGeneration
-from .layout import skipped_token_mask
 from .merge import bipartite_merge
-from .model import Family, SkipVisionMixin
+from .model import SkipVisionMixin
+from .placeholders import skipped_token_mask
 from .skip_kv import SkipKVState, cache_slots, prune_skipped_kv, skip_kv_state
 from .summary import SummaryScorer
 

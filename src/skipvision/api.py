@@ -11,7 +11,8 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, Processo
 
 from .config import SkipVisionConfig, VisionFacts, vanilla_config
 from .families import family_for, family_for_processor
-from .model import Family, SkipVisionMixin
+from .families.base import Family
+from .model import SkipVisionMixin
 
 
 def convert(model: PreTrainedModel, config: SkipVisionConfig | dict[str, Any]) -> PreTrainedModel:

@@ -309,7 +309,7 @@ def anyres_shape(text: TextShape, vision: VisionShape, tiles: int, newlines: boo
 
 
 @dataclass(frozen=True)
-class Preset:
+class PaperShape:
     shape: ModelShape
     skip_vision: SkipVisionConfig
     paper_ratios: dict[tuple[int, int], float]  # the paper's FLOPs column (method.md 6.2) by (N_r, N_s)
@@ -327,9 +327,9 @@ class Preset:
         return anyres_shape(self.shape.text, self.shape.vision, tiles, self.anyres_newlines)
 
 
-PRESETS: dict[str, Preset] = {
+PAPER_SHAPES: dict[str, PaperShape] = {
     **{
-        f"qwen2.5-vl-7b-{side}": Preset(
+        f"qwen2.5-vl-7b-{side}": PaperShape(
             qwen2_5_vl_7b(side),
             SkipVisionConfig(0.25, (side // 28) ** 2 // 4, selection="grid"),
             {},
@@ -338,19 +338,19 @@ PRESETS: dict[str, Preset] = {
         )
         for side in (448, 896, 1344)
     },
-    "llava-1.5-7b": Preset(
+    "llava-1.5-7b": PaperShape(
         ModelShape(VICUNA_7B, CLIP_L_336, visual_tokens=576),
         SkipVisionConfig(num_retained=64, num_skipped=156),
         {},
         "LLaVA-1.5-7B comparison setting (N_r=64, N_s=156); the paper prints no FLOPs for it",
     ),
-    "llava-llama3-8b": Preset(
+    "llava-llama3-8b": PaperShape(
         ModelShape(LLAMA3_8B, CLIP_L_336, visual_tokens=576),
         SkipVisionConfig(num_retained=100, num_skipped=156),
         {(100, 156): 0.25, (256, 320): 0.60},
         "SV-LLaVA (N_r=100, N_s=156); --num-retained 256 --num-skipped 320 gives the 60% row",
     ),
-    "llava-hd-llama3-8b": Preset(
+    "llava-hd-llama3-8b": PaperShape(
         anyres_shape(LLAMA3_8B, CLIP_L_336, tiles=4, newlines=False),
         SkipVisionConfig(num_retained=576, num_skipped=576),
         {(576, 576): 0.50},
@@ -358,7 +358,7 @@ PRESETS: dict[str, Preset] = {
         "needs a baseline of about 1.4 tiles on average, which the paper does not state (method.md section 4)",
         anyres_newlines=False,
     ),
-    "llava-next-llama3-8b": Preset(
+    "llava-next-llama3-8b": PaperShape(
         anyres_shape(LLAMA3_8B, CLIP_L_336, tiles=4, newlines=True),
         SkipVisionConfig(num_retained=576, num_skipped=576),
         {},
@@ -366,7 +366,7 @@ PRESETS: dict[str, Preset] = {
         "dropped by Skip-Vision) with LLaMA-3-8B; R = the thumbnail, tiles merged to 576",
         anyres_newlines=True,
     ),
-    "cos-llama3-8b": Preset(
+    "cos-llama3-8b": PaperShape(
         ModelShape(LLAMA3_8B, replace(CLIP_L_448), visual_tokens=1296),
         SkipVisionConfig(num_retained=272, num_skipped=256),
         {(272, 256): 0.25},
@@ -376,156 +376,5 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def text_shape(config: Any) -> TextShape:
-    """TextShape of an HF VLM config's text model."""
-    t = config.get_text_config()
-    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-    return TextShape(
-        t.hidden_size,
-        t.intermediate_size,
-        t.num_hidden_layers,
-        t.num_attention_heads,
-        t.num_key_value_heads,
-        head_dim,
-        t.vocab_size,
-    )
-
-
-def vision_shape(config: Any, cls: bool) -> VisionShape:
-    """VisionShape of an HF VLM config's ViT tower."""
-    v = config.vision_config
-    layers = getattr(config, "vision_feature_layer", -1)
-    feature_layers = 1 if isinstance(layers, int) else len(layers)
-    return VisionShape(
-        v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.image_size, v.patch_size, cls, feature_layers
-    )
-
-
-def qwen_vision_shape(config: Any, grid: tuple[int, int]) -> VisionShape:
-    """VisionShape of a Qwen-VL tower for one image of ``grid`` (rows, cols) merged tokens. Every block is counted
-    with full attention over the image (Qwen2.5-VL's window blocks cost less: an upper bound for the tower)."""
-    v = config.vision_config
-    merge = v.spatial_merge_size
-    patches = grid[0] * grid[1] * merge * merge
-    return VisionShape(
-        v.hidden_size,
-        v.intermediate_size,
-        v.depth,
-        0,
-        v.patch_size,
-        cls=False,
-        patch_count=patches,
-        merge=merge,
-        temporal_patch=v.temporal_patch_size,
-        gated_mlp=config.model_type == "qwen2_5_vl",
-    )
-
-
-def shape_of(config: Any, **kwargs: Any) -> ModelShape:
-    """ModelShape of a supported HF config (its family states the visual token counts; ``tiles=`` for anyres)."""
-    from .families import family_for
-
-    return family_for(config).model_shape(config, **kwargs)
-
-
 def as_dict(shape: ModelShape) -> dict[str, Any]:
     return asdict(shape)
-
-
-_CPU_SDPA_REGISTERED = False
-
-
-def _register_cpu_sdpa_formulas() -> None:
-    """torch's flop counter knows only the CUDA SDPA kernels; count the CPU flash kernel the same way."""
-    global _CPU_SDPA_REGISTERED
-    if _CPU_SDPA_REGISTERED:
-        return
-    import torch
-    from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
-
-    aten = torch.ops.aten
-
-    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
-    def _forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(query, key, value)  # shapes: the registry passes shapes
-
-    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
-    def _backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_backward_flop_count(grad_out, query, key, value)
-
-    _CPU_SDPA_REGISTERED = True
-
-
-def measured_flops(fn) -> tuple[int, dict[str, int]]:
-    """FLOPs that ``torch.utils.flop_counter`` counts while ``fn()`` runs: (total, per module)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    _register_cpu_sdpa_formulas()
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    return counter.get_total_flops(), per_module
-
-
-def batch_flops(model: Any, inputs: dict[str, Any], train_tower: bool = False) -> dict[str, Any]:
-    """Analytic FLOPs of one real batch on a Skip-Vision model (any family), from the actual token counts.
-
-    Per sample, the attention length is its non-pad tokens and the FFN length excludes its skipped tokens, as the
-    model's own ``embed_multimodal`` marks them; the tower runs once per pass (anyres: base + tiles). Returns
-    ``prefill`` (language model with one logit, tower and projector forward, Skip-Vision overhead; the language
-    model's share and its parts, as :func:`language_flops` names them, apart) and ``train``
-    (3x the language model with every logit, 3x projector and summary scorer, tower forward only unless
-    ``train_tower``).
-    """
-    import torch
-
-    from .api import family_of
-
-    family = family_of(model)
-    cfg = model.skip_vision_config
-    shape = family.model_shape(model.config)
-    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask
-    image_inputs = {k: inputs[k] for k in family.image_input_names if k in inputs}
-    pixel_values = inputs.get("pixel_values")
-    images = family.num_images(pixel_values, image_inputs)
-    with torch.no_grad():
-        if images:
-            skipped = model.skipped_mask(ids, pixel_values, **image_inputs)
-        else:
-            skipped = torch.zeros_like(ids, dtype=torch.bool)
-    prefill_lm, train_lm = 0, 0
-    prefill_parts: dict[str, int] = {}
-    visual = model.image_placeholder_mask(ids) & mask.bool() if cfg.llm_drop else torch.zeros_like(skipped)
-    for b in range(ids.shape[0]):
-        n_attn = int(mask[b].sum())
-        n_skip = int(skipped[b].sum())
-        if cfg.llm_drop:  # every token runs full blocks until dropped (llm_drop allows no skipping)
-            n_visual = int(visual[b].sum())
-            counts = SequenceCounts(n_attn - n_visual, 1, n_visual, 0)
-        else:
-            counts = SequenceCounts(n_attn - n_skip, 1, 0, n_skip)
-        options = {"skip_layers": cfg.skip_layers, "llm_drop": cfg.llm_drop}
-        parts = language_flops(shape, counts, logits=1, **options)
-        prefill_lm += sum(parts.values())
-        for key, value in parts.items():
-            prefill_parts[key] = prefill_parts.get(key, 0) + value
-        train_lm += 3 * sum(language_flops(shape, counts, logits=n_attn, **options).values())
-    passes = family.tower_passes(model.config, images, image_inputs)
-    tower, projector = family.tower_flops(model.config, images, image_inputs) if images else (0, 0)
-    overhead = 0
-    if images and not cfg.in_place:
-        with torch.no_grad():
-            tokens = family.image_tokens(model, pixel_values, image_inputs, cfg)
-        overhead = sum(
-            skip_vision_overhead(replace(shape, visual_tokens=t.tokens.shape[0], eligible_tokens=t.eligible), cfg)
-            for t in tokens
-        )
-    return {
-        "prefill": float(prefill_lm + tower + projector + overhead),
-        "prefill_language_model": float(prefill_lm),
-        "prefill_language_model_parts": {key: float(value) for key, value in prefill_parts.items()},
-        "train": float(train_lm + (3 if train_tower else 1) * tower + 3 * projector + 3 * overhead),
-        "tower": float(tower),
-        "tower_passes": passes,
-    }

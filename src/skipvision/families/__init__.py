@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..model import Family
+from .base import Family
 from .inplace import IN_PLACE_FAMILIES, generic_family
 from .llava import LLAVA
 from .llava_next import LLAVA_NEXT

@@ -22,10 +22,11 @@ from torch import nn
 from transformers import PretrainedConfig, ProcessorMixin
 
 from ..config import SkipVisionConfig, VisionFacts
-from ..layout import placeholder_runs
-from ..model import Family, SkipVisionMixin
+from ..model import SkipVisionMixin
+from ..placeholders import placeholder_runs
 from ..selection import square_grid
 from ..skip_ffn import LLAMA_STYLE_PARTS
+from .base import Family
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:

@@ -13,8 +13,9 @@ import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, PretrainedConfig, ProcessorMixin
 
 from ..config import SkipVisionConfig, VisionFacts
-from ..model import Family, SkipVisionMixin, selection_scores
+from ..model import SkipVisionMixin
 from ..sequence import ImageTokens
+from .base import Family, ModelShape, selection_scores, text_shape, vision_shape
 
 
 class LlavaFamily(Family):
@@ -65,8 +66,6 @@ class LlavaFamily(Family):
         return processor
 
     def model_shape(self, config: PretrainedConfig):
-        from ..flops import ModelShape, text_shape, vision_shape
-
         return ModelShape(
             text_shape(config),
             vision_shape(config, cls=self.tower_emits_cls(config)),

@@ -20,8 +20,9 @@ from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor, 
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from ..config import SkipVisionConfig, VisionFacts
-from ..model import Family, SkipVisionMixin, selection_scores
+from ..model import SkipVisionMixin
 from ..sequence import ImageTokens
+from .base import Family, ModelShape, selection_scores, text_shape, vision_shape
 from .processor import expand_image_tokens
 
 
@@ -112,8 +113,6 @@ class LlavaNextFamily(Family):
 
     def model_shape(self, config: PretrainedConfig, tiles: int = 0):
         """Shape for an image of ``tiles`` full tiles (square tiles, nothing unpadded)."""
-        from ..flops import ModelShape, text_shape, vision_shape
-
         base = self.tokens_per_tower_pass(config)
         rows = int(round(base**0.5))
         grid_rows = _grid_rows(tiles)

@@ -21,8 +21,8 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 from ..model import SkipVisionMixin
 from .llava_next import LlavaNextFamily
+from .processor import IMAGE_ONLY_SETTINGS, load_image_only, save_image_only
 from .processor import image_only_processor as _image_only_processor
-from .processor import load_image_only, save_image_only
 
 
 class LlavaOnevisionFamily(LlavaNextFamily):
@@ -63,6 +63,7 @@ def image_only_processor(image_processor: Any, tokenizer: Any, **kwargs: Any) ->
 
 
 LLAVA_ONEVISION = LlavaOnevisionFamily()
+IMAGE_ONLY_SETTINGS[LlavaOnevisionProcessor] = LlavaOnevisionFamily._SETTINGS
 
 
 class SkipVisionLlavaOnevisionForConditionalGeneration(SkipVisionMixin, LlavaOnevisionForConditionalGeneration):

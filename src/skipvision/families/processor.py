@@ -12,7 +12,7 @@ from typing import Any
 from transformers import ProcessorMixin
 
 from ..config import SkipVisionConfig
-from ..model import Family
+from .base import Family
 
 
 def expand_image_tokens(family: Family, processor: ProcessorMixin, config: SkipVisionConfig) -> ProcessorMixin:
@@ -26,7 +26,7 @@ def expand_image_tokens(family: Family, processor: ProcessorMixin, config: SkipV
         processor.__class__ = vanilla
         processor.__dict__.pop("skip_vision", None)
     else:
-        processor.__class__ = _skip_vision_processor(vanilla)
+        processor.__class__ = _skip_vision_processor(vanilla, family)
         processor.skip_vision = config
     return processor
 
@@ -49,10 +49,8 @@ class _SkipVisionProcessorMixin:
 
 
 @functools.cache
-def _skip_vision_processor(base: type) -> type:
-    from . import family_for_processor
-
-    attrs = {"__module__": base.__module__, "skip_vision_base": base, "skip_vision_family": family_for_processor(base)}
+def _skip_vision_processor(base: type, family: Family) -> type:
+    attrs = {"__module__": base.__module__, "skip_vision_base": base, "skip_vision_family": family}
     return type(base.__name__, (_SkipVisionProcessorMixin, base), attrs)
 
 
@@ -61,6 +59,11 @@ def hf_processor_class(processor: Any) -> type:
     cls = processor if isinstance(processor, type) else type(processor)
     cls = getattr(cls, "skip_vision_base", cls)
     return getattr(cls, "skip_vision_hf_class", cls)
+
+
+#: processor class -> the ``__init__`` settings an image-only save writes besides its parts (each family registers
+#: its own: the family modules import this one, never the other way round)
+IMAGE_ONLY_SETTINGS: dict[type, tuple[str, ...]] = {}
 
 
 # HF's processors with a video side cannot be built, saved or loaded without a video processor, which needs
@@ -72,12 +75,10 @@ class _ImageOnlyProcessorMixin:
     skip_vision_hf_class: type
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        from . import family_for_processor
-
         if kwargs.get("push_to_hub"):
             raise NotImplementedError("an image-only processor (no torchvision for its video side) is saved locally")
         os.makedirs(save_directory, exist_ok=True)
-        family_for_processor(self).save_processor(self, save_directory)
+        save_image_only(self, save_directory, IMAGE_ONLY_SETTINGS.get(self.skip_vision_hf_class, ()))
 
 
 @functools.cache

@@ -25,10 +25,32 @@ from transformers import PretrainedConfig, ProcessorMixin, Qwen2_5_VLForConditio
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from ..config import SkipVisionConfig, VisionFacts
-from ..layout import host_to_device
-from ..model import Family, SkipVisionMixin
+from ..flops import ModelShape, VisionShape, projector_flops, tower_pass_flops
+from ..model import SkipVisionMixin
+from ..placeholders import host_to_device
 from ..sequence import ImageSequence, ImageTokens
+from .base import Family, text_shape
 from .processor import expand_image_tokens, load_image_only, save_image_only
+
+
+def qwen_vision_shape(config: Any, grid: tuple[int, int]) -> VisionShape:
+    """VisionShape of a Qwen-VL tower for one image of ``grid`` (rows, cols) merged tokens. Every block is counted
+    with full attention over the image (Qwen2.5-VL's window blocks cost less: an upper bound for the tower)."""
+    v = config.vision_config
+    merge = v.spatial_merge_size
+    patches = grid[0] * grid[1] * merge * merge
+    return VisionShape(
+        v.hidden_size,
+        v.intermediate_size,
+        v.depth,
+        0,
+        v.patch_size,
+        cls=False,
+        patch_count=patches,
+        merge=merge,
+        temporal_patch=v.temporal_patch_size,
+        gated_mlp=config.model_type == "qwen2_5_vl",
+    )
 
 
 class QwenVLFamily(Family):
@@ -202,8 +224,6 @@ class QwenVLFamily(Family):
         return load_image_only(self.processor_class, Qwen2VLImageProcessorPil, path, ())
 
     def tower_flops(self, config: PretrainedConfig, num_images: int, image_inputs: dict[str, Any]) -> tuple[int, int]:
-        from ..flops import projector_flops, tower_pass_flops
-
         tower = projector = 0
         mergers = 1 + len(getattr(config.vision_config, "deepstack_visual_indexes", None) or [])  # Qwen3: deepstack
         for _, h, w in self.token_grids(config, image_inputs):
@@ -212,10 +232,8 @@ class QwenVLFamily(Family):
             projector += mergers * projector_flops(shape.vision, shape.text.hidden, h * w)
         return tower, projector
 
-    def model_shape(self, config: PretrainedConfig, grid: tuple[int, int] = (16, 16)):
+    def model_shape(self, config: PretrainedConfig, grid: tuple[int, int] = (16, 16)) -> ModelShape:
         """Shape for one image whose merged token grid is ``grid`` (rows, cols)."""
-        from ..flops import ModelShape, qwen_vision_shape, text_shape
-
         return ModelShape(
             text_shape(config), qwen_vision_shape(config, grid), visual_tokens=grid[0] * grid[1], eligible_tokens=None
         )

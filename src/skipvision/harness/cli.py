@@ -12,8 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import LAYOUTS, MERGES, SkipVisionConfig, in_place_config
-from .selection import SELECTIONS
+from ..config import LAYOUTS, MERGES, SkipVisionConfig, in_place_config
+from ..selection import SELECTIONS
 
 
 class UsageError(ValueError):
@@ -184,7 +184,7 @@ def _skip_vision_from_args(args: argparse.Namespace, default: SkipVisionConfig |
 
 
 def _checkpoint_skip_vision(model_dir: str) -> SkipVisionConfig | None:
-    from .api import checkpoint_skip_vision
+    from ..api import checkpoint_skip_vision
 
     return checkpoint_skip_vision(model_dir)
 
@@ -196,8 +196,8 @@ def _check_model_dir(path: str, option: str = "--model") -> None:
     processor only; the weights themselves load once, later."""
     from transformers import AutoConfig
 
-    from .api import load_processor
-    from .families import family_for
+    from ..api import load_processor
+    from ..families import family_for
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -377,7 +377,7 @@ def cmd_lmms_eval_task(args: argparse.Namespace) -> None:
 
 
 def _lora_from_args(args: argparse.Namespace):
-    from .lora import DEFAULT_TARGETS, LoraSettings
+    from ..lora import DEFAULT_TARGETS, LoraSettings
 
     given = [args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets]
     if not args.lora:
@@ -445,17 +445,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
-    from . import flops as F
-    from .config import VisionFacts
+    from .. import flops as F
+    from ..config import VisionFacts
 
-    if args.preset not in F.PRESETS:
-        raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(F.PRESETS)}")
+    if args.preset not in F.PAPER_SHAPES:
+        raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(F.PAPER_SHAPES)}")
     if args.layout == "inplace" and args.num_skipped is not None:
         raise ValueError(
             "--layout inplace skips every visual token it does not retain, so it takes no --num-skipped "
             "(only --num-retained)"
         )
-    preset = F.PRESETS[args.preset]
+    preset = F.PAPER_SHAPES[args.preset]
     shape = preset.shape_for(args.tiles)
     cfg = preset.skip_vision
     if args.num_retained is not None or args.num_skipped is not None:
@@ -569,8 +569,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _bench_model(args: argparse.Namespace):
-    from .api import family_of, load_processor
-    from .config import vanilla_config
+    from ..api import family_of, load_processor
+    from ..config import vanilla_config
     from .evaluate import loading_checkpoint
     from .presets import build_model, build_processor, build_tokenizer, get_preset, tokenizer_corpus
 
@@ -711,10 +711,9 @@ def _add_data_args(p: argparse.ArgumentParser, model_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
+    from ..flops import DEFAULT_TEXT_TOKENS, PAPER_SHAPES
     from .compare import FULL_DEFAULTS, QUICK
-    from .flops import DEFAULT_TEXT_TOKENS
-    from .flops import PRESETS as FLOPS_PRESETS
     from .presets import MODEL_PRESETS
 
     presets = sorted(MODEL_PRESETS)
@@ -798,7 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = add("flops", help="analytic FLOPs of the paper's models, vanilla vs Skip-Vision")
-    p.add_argument("--preset", required=True, choices=sorted(FLOPS_PRESETS), help="model geometry")
+    p.add_argument("--preset", required=True, choices=sorted(PAPER_SHAPES), help="model geometry")
     p.add_argument("--num-retained", type=_count_or_fraction, help="override N_r (a count or a fraction)")
     p.add_argument("--num-skipped", type=non_negative_int, help="override N_s (full layout only)")
     p.add_argument("--layout", choices=LAYOUTS, default="full", help="Skip-Vision layout (inplace: skip in place)")

@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
-from . import flops as F
-from .api import configure_processor, convert, family_of
-from .config import SkipVisionConfig, vanilla_config
+from ..api import configure_processor, convert, family_of
+from ..config import SkipVisionConfig, vanilla_config
+from . import measure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: where the bench (and the latency protocol) runs unless told: the GPU when there is one
@@ -374,7 +374,7 @@ def run(
                     model, inputs = build_variant(base, processor, cfg, settings, batch, image_size, dtype)
                     if settings.freeze_tower:
                         family_of(model).vision_tower(model).requires_grad_(False)
-                    analytic = F.batch_flops(model, inputs, train_tower=not settings.freeze_tower)
+                    analytic = measure.batch_flops(model, inputs, train_tower=not settings.freeze_tower)
                     built[name] = (model, inputs)
                     measured[name] = {
                         "variant": name,
@@ -425,6 +425,11 @@ def round_ratio_quartiles(samples: list[float] | None, vanilla: list[float] | No
         return None
     first, _, third = statistics.quantiles(ratios, n=4)
     return [first, third]
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either side was too small to measure."""
+    return a / b if a is not None and b else None
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

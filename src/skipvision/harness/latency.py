@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
-from .api import configure_processor, convert, family_of
+from ..api import configure_processor, convert, family_of
+from ..config import SkipVisionConfig
 from .bench import DEFAULT_DEVICE, DTYPES, make_inputs, sync_device, timed, variants
-from .config import SkipVisionConfig
 
 CACHES = ("dynamic", "static")
 

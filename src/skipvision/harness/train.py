@@ -22,11 +22,11 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import rotate_checkpoints
 
-from .api import family_of, from_pretrained, load_processor, save_processor
-from .config import SkipVisionConfig, vanilla_config
+from ..api import family_of, from_pretrained, load_processor, save_processor
+from ..config import SkipVisionConfig, vanilla_config
+from ..lora import LoraSettings, apply_lora, base_model, is_peft_model, load_adapter_weights
 from .data import LlavaCollator, LlavaJsonDataset, load_records
 from .evaluate import loading_checkpoint
-from .lora import LoraSettings, apply_lora, base_model, is_peft_model, load_adapter_weights
 
 
 @dataclass

@@ -24,13 +24,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from . import flops as F
-from .api import family_of, from_pretrained, load_processor
-from .bench import BenchSettings, make_inputs, measure_interleaved
-from .config import SkipVisionConfig, vanilla_config
-from .data import LlavaCollator, LlavaJsonDataset, first_batch, make_dataset
+from .. import flops as F
+from ..api import family_of, from_pretrained, load_processor
+from ..config import SkipVisionConfig, vanilla_config
+from ..peers import fastv, pyramid_drop, token_drop, tome, visionzip
+from . import measure
+from .bench import BenchSettings, make_inputs, measure_interleaved, ratio
+from .data import LlavaCollator, LlavaJsonDataset, first_batch, make_dataset, prior_accuracy
 from .evaluate import evaluate
-from .peers import fastv, pyramid_drop, token_drop, tome, visionzip
 from .presets import get_preset, init_model
 from .train import TrainConfig, load_for_training, read_manifest, save_atomically, train, write_json_atomically
 
@@ -258,8 +259,8 @@ def plan_rows(
             methods = tuple(m for m in methods if m in settings.fine_tune_methods)
         for budget in budgets:
             for method in methods:
-                cfg, ratio = match_budget(method, budget, shape, preset_cfg, text_tokens)
-                rows.append(Row(f"{regime}-{method}-{budget:g}", method, regime, budget, cfg, ratio))
+                cfg, matched = match_budget(method, budget, shape, preset_cfg, text_tokens)
+                rows.append(Row(f"{regime}-{method}-{budget:g}", method, regime, budget, cfg, matched))
     unknown = sorted(set(settings.ablations) - set(ABLATIONS))
     if unknown:
         raise ValueError(f"unknown ablation(s) {unknown}; choose from {ABLATIONS}")
@@ -431,11 +432,11 @@ class Harness:
         record = next(r for r in test.records if test.load_images(r))  # the first test prompt with an image
         single = LlavaCollator(processor.tokenizer.pad_token_id)([test.encode_prompt(record)[0]])
         single.pop("labels")
-        prefill = F.batch_flops(model, single)
+        prefill = measure.batch_flops(model, single)
         return {
             "prefill_flops": prefill["prefill_language_model"],
             "prefill_flops_total": prefill["prefill"],
-            "train_flops": F.batch_flops(model, batch)["train"],
+            "train_flops": measure.batch_flops(model, batch)["train"],
         }
 
     def time_settings(self, results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -464,7 +465,7 @@ class Harness:
         timings = {
             key: {
                 **{k: row.get(k) for k in keys},
-                **{f"{k}_ratio": _ratio(row.get(k), timed[vanilla_key].get(k)) for k in keys},
+                **{f"{k}_ratio": ratio(row.get(k), timed[vanilla_key].get(k)) for k in keys},
             }
             for key, row in timed.items()
         }
@@ -484,10 +485,6 @@ class Harness:
             write_json_atomically(path, result)
             results.append(result)
         return results
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
 
 
 # --- report ---------------------------------------------------------------------------------------------------------
@@ -594,9 +591,7 @@ def compare(settings: CompareSettings, progress: bool = True, log: Callable[[str
     for r in results:
         r.update(timings[json.dumps(r["config"], sort_keys=True)])
     add_relative(results)
-    from .demo import _prior_accuracy
-
-    chance = _prior_accuracy(harness.train_json, harness.test_json)
+    chance = prior_accuracy(harness.train_json, harness.test_json)
     report = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.__dict__.items()},
         "text_tokens": text_tokens,

@@ -23,8 +23,8 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .api import checkpoint_skip_vision, family_of, from_pretrained, load_processor
-from .config import SkipVisionConfig, vanilla_config
+from ..api import checkpoint_skip_vision, family_of, from_pretrained, load_processor
+from ..config import SkipVisionConfig, vanilla_config
 
 IMAGE_MARKER = "<image>"
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .api import family_of, load_for_inference, load_processor
+from ..api import family_of, load_for_inference, load_processor
 from .data import LlavaCollator, LlavaJsonDataset
 
 

@@ -37,9 +37,9 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .api import save_processor
-from .config import SkipVisionConfig
-from .families.processor import image_only_processor
+from ..api import save_processor
+from ..config import SkipVisionConfig
+from ..families.processor import image_only_processor
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 #: Qwen-VL wraps each image in these (its M-RoPE gives each run of image tokens one image's grid); added after the

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .api import family_of, load_for_inference
+from ..api import family_of, load_for_inference
 from .bench import kv_cache_bytes
 from .data import load_records, open_rgb
 from .evaluate import loading_checkpoint

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import warnings
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,16 @@ class DataError(ValueError):
 
 #: images larger than this (pixels) are refused: decoding and resizing them takes seconds to minutes per item
 MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def prior_accuracy(train_json: Path, test_json: Path) -> float:
+    """Accuracy of always answering the most frequent training answer of the question's type."""
+    answers: dict[str, Counter] = defaultdict(Counter)
+    for r in json.loads(train_json.read_text()):
+        answers[r["type"]][r["conversations"][-1]["value"]] += 1
+    test = json.loads(test_json.read_text())
+    hits = sum(answers[r["type"]].most_common(1)[0][0] == r["conversations"][-1]["value"] for r in test)
+    return hits / len(test)
 
 
 def _first_few(items: list[str], separator: str, shown: int = 5) -> str:

@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import flops as F
-from .api import family_of, from_pretrained, load_processor
-from .bench import BenchSettings, make_inputs, measure_interleaved
-from .config import SkipVisionConfig, in_place_config
-from .data import first_batch, make_dataset
+from .. import flops as F
+from ..api import family_of, from_pretrained, load_processor
+from ..config import SkipVisionConfig, in_place_config
+from . import measure
+from .bench import BenchSettings, make_inputs, measure_interleaved, ratio
+from .data import first_batch, make_dataset, prior_accuracy
 from .evaluate import evaluate
 from .presets import QWEN_FAMILIES, get_preset, init_model
 from .train import TrainConfig, load_for_training, save_atomically, train
@@ -77,8 +78,8 @@ def _train_flops(model_dir: Path, data: Path) -> dict[str, float]:
     batch = first_batch(data, load_processor(model_dir), BATCH_SIZE)
     model.train()
     family_of(model).vision_tower(model).requires_grad_(False)  # frozen in training too
-    measured, _ = F.measured_flops(lambda: model(**batch).loss.backward())
-    analytic = F.batch_flops(model, batch)["train"]
+    measured, _ = measure.measured_flops(lambda: model(**batch).loss.backward())
+    analytic = measure.batch_flops(model, batch)["train"]
     return {"train_flops": float(analytic), "train_flops_measured": float(measured)}
 
 
@@ -130,24 +131,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _prior_accuracy(train_json: Path, test_json: Path) -> float:
-    """Accuracy of always answering the most frequent training answer of the question's type."""
-    from collections import Counter, defaultdict
-
-    answers: dict[str, Counter] = defaultdict(Counter)
-    for r in json.loads(train_json.read_text()):
-        answers[r["type"]][r["conversations"][-1]["value"]] += 1
-    test = json.loads(test_json.read_text())
-    hits = sum(answers[r["type"]].most_common(1)[0][0] == r["conversations"][-1]["value"] for r in test)
-    return hits / len(test)
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    """a / b, or None when either side was too small to measure."""
-    return a / b if a is not None and b else None
-
-
-def format_table(report: dict[str, Any]) -> str:
+def format_report(report: dict[str, Any]) -> str:
     names = report.get("variants", ["vanilla", "skip_vision"])
     vanilla = report["vanilla"]
     rows = [
@@ -170,8 +154,8 @@ def format_table(report: dict[str, Any]) -> str:
         line = f"{label:34}{show(vanilla[key], fmt, scale):>12}"
         for name in others:
             value = report[name][key]
-            ratio = _ratio(value, vanilla[key])
-            line += f"{show(value, fmt, scale):>22}{'-' if ratio is None else f'{ratio:.3f}':>8}"
+            relative = ratio(value, vanilla[key])
+            line += f"{show(value, fmt, scale):>22}{'-' if relative is None else f'{relative:.3f}':>8}"
         lines.append(line)
     peers = report.get("peers")
     if peers:
@@ -180,7 +164,7 @@ def format_table(report: dict[str, Any]) -> str:
         head = f"{'':34}{'accuracy':>10}{'prefill FLOPs':>15}{'prefill time':>14}{'KV cache':>10}"
         lines += [head, "-" * len(head)]
         for name, r in peers.items():
-            ratios = [_ratio(r[k], vanilla[k]) for k in ("prefill_flops", "prefill_seconds", "kv_cache_bytes")]
+            ratios = [ratio(r[k], vanilla[k]) for k in ("prefill_flops", "prefill_seconds", "kv_cache_bytes")]
             cells = "".join(f"{'-' if x is None else f'{x:.3f}':>{w}}" for x, w in zip(ratios, (15, 14, 10)))
             lines.append(f"{name:34}{r['accuracy']:>10.3f}{cells}")
         lines.append("(FLOPs, time and KV cache as ratios to vanilla)")
@@ -252,7 +236,7 @@ def demo(
         report[name].update(accuracy=result["accuracy"], per_type=result["per_type"])
         report[name].update(_train_flops(final, train_json))
         model, inputs = _prefill_inputs(final, spec.data_image_size)
-        report[name]["prefill_flops"] = F.batch_flops(model, inputs)["prefill_language_model"]
+        report[name]["prefill_flops"] = measure.batch_flops(model, inputs)["prefill_language_model"]
         built[name] = (model, inputs)
     report["peers"] = {}
     for name, cfg in demo_peers(built["vanilla"][0], built["skip_vision"][0]):
@@ -265,7 +249,7 @@ def demo(
             "accuracy": result["accuracy"],
             "per_type": result["per_type"],
             "config": cfg.to_dict(),
-            "prefill_flops": F.batch_flops(model, inputs)["prefill_language_model"],
+            "prefill_flops": measure.batch_flops(model, inputs)["prefill_language_model"],
         }
         built[f"peer-{name}"] = (model, inputs)
     print(f"[5/5] measuring {', '.join(built)} side by side: latency, KV cache")
@@ -275,7 +259,7 @@ def demo(
             report["peers"][name.removeprefix("peer-")].update(timing)
         else:
             report[name].update(timing)
-    report["chance_accuracy"] = _prior_accuracy(train_json, test_json)
+    report["chance_accuracy"] = prior_accuracy(train_json, test_json)
     keys = (
         "train_step_seconds",
         "train_flops",
@@ -285,13 +269,13 @@ def demo(
         "kv_cache_bytes",
         "prefill_flops",
     )
-    ratios = {name: {k: _ratio(report[name][k], report["vanilla"][k]) for k in keys} for name in runs}
+    ratios = {name: {k: ratio(report[name][k], report["vanilla"][k]) for k in keys} for name in runs}
     report["ratios"] = ratios["skip_vision"]  # the preset's own setting, as before
     report["ratios_by_variant"] = ratios
     report["total_seconds"] = time.perf_counter() - start
     (out / "report.json").write_text(json.dumps(report, indent=1))
     _plot(report, out / "tradeoff.png")
     print()
-    print(format_table(report))
+    print(format_report(report))
     print(f"\nwrote {out / 'report.json'} and {out / 'tradeoff.png'} in {report['total_seconds']:.0f} s")
     return report
