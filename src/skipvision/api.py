@@ -29,7 +29,7 @@ def convert(model: PreTrainedModel, config: SkipVisionConfig | dict[str, Any]) -
     model.config.skip_vision = SkipVisionConfig.coerce(config).to_dict()
     try:
         model.__class__ = family.skip_class
-        model._setup_skip_vision()
+        model.setup_skip_vision()
     except Exception:
         model.__class__ = previous_class
         model.config.skip_vision = previous

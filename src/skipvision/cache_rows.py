@@ -1,11 +1,13 @@
-"""Per-sample bookkeeping that travels with a cache's batch rows (Skip KV-cache pruning, in-LLM dropping), and the
-compaction both use to keep a different number of columns per sample."""
+"""Per-sample bookkeeping that travels with a cache's batch rows (Skip KV-cache pruning, in-LLM dropping): beam
+reordering, batch selection and expansion move it with the rows."""
 
 from __future__ import annotations
 
 from typing import Protocol
 
 import torch
+
+from .mixing import unmix
 
 
 class RowState(Protocol):
@@ -41,17 +43,4 @@ class RowStateCacheMixin:
         # an emptied cache (a static cache reused by the next generate) is a plain cache again
         super().reset()
         delattr(self, self.state_attr)
-        self.__class__ = self.__class__.__bases__[1]
-
-
-def compact_slots(keep: torch.Tensor, host_counts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots of the kept columns of ``keep (batch, L)``: ``(index, valid)``, both ``(batch, K)`` with K the widest
-    row's count. Each row lists its kept columns first, in their order; a shorter row's tail points at columns it
-    did not keep, marked invalid. ``host_counts``: each row's kept columns, if the host already has them (no wait
-    for the device to learn K)."""
-    length = keep.shape[1]
-    counts = keep.sum(dim=1)
-    width = max(host_counts) if host_counts is not None else int(counts.max())
-    order = ((~keep).long() * length + torch.arange(length, device=keep.device)).argsort(dim=1)
-    valid = torch.arange(width, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)
-    return order[:, :width], valid
+        unmix(self, type(self).__bases__[0])

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .llm_drop import check_schedule
+from .drop_schedule import check_schedule, check_without_skipping
 from .selection import SELECTIONS, selection_strategy
 
 MERGES = ("tome", "none", "drop")
@@ -118,14 +118,8 @@ class SkipVisionConfig:
         if self.train_mask not in TRAIN_MASKS:
             raise ValueError(f"unknown train_mask {self.train_mask!r}; choose one of {TRAIN_MASKS}")
         object.__setattr__(self, "llm_drop", check_schedule(self.llm_drop))
-        if self.llm_drop:
-            skips = self.num_retained is not None and self.skip_layers != ()
-            if skips or self.skip_kv_cache:
-                raise ValueError(
-                    "llm_drop removes visual tokens inside the language model and cannot be combined with skipped "
-                    "tokens: set skip_layers=() (or num_retained=None) and skip_kv_cache=False; got "
-                    f"skip_layers={self.skip_layers}, skip_kv_cache={self.skip_kv_cache}"
-                )
+        skips = self.num_retained is not None and self.skip_layers != ()
+        check_without_skipping(self.llm_drop, skips, self.skip_kv_cache, self.skip_layers)
         if isinstance(self.num_retained, float):
             if not 0.0 < self.num_retained <= 1.0:
                 raise ValueError(

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .config import SkipVisionConfig
-from .llm_drop import visual_per_layer
+from .drop_schedule import visual_per_layer
 from .selection import selection_strategy
 
 

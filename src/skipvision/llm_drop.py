@@ -18,63 +18,20 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field, replace
-from functools import cache as memoize
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .cache_rows import RowStateCacheMixin, compact_slots
-from .skip_kv import answer_start
+from .cache_rows import RowStateCacheMixin
+from .drop_schedule import kept_count
+from .masks import answer_start, compact_slots
+from .mixing import mix_into, unmix
 
 #: forward kwarg carrying the prefill's :class:`DropPlan` down the decoder stack
 DROP_PLAN_KWARG = "skip_vision_drop_plan"
 STATE_ATTR = "skip_vision_drop_state"
-
-
-def check_schedule(schedule: Any, num_layers: int | None = None) -> tuple[tuple[int, float], ...]:
-    """The schedule as a tuple of ``(layer, keep)`` pairs, checked: layers increasing and before the last layer,
-    fractions in (0, 1] and non-increasing."""
-    if isinstance(schedule, (str, bytes)) or not hasattr(schedule, "__iter__"):
-        raise ValueError(f"llm_drop must be a list of (layer, keep_fraction) pairs, got {schedule!r}")
-    pairs = []
-    for entry in schedule:
-        if not hasattr(entry, "__len__") or len(entry) != 2:
-            raise ValueError(f"llm_drop entries are (layer, keep_fraction) pairs, got {entry!r}")
-        layer, keep = entry
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-            raise ValueError(f"llm_drop layer must be a non-negative int, got {layer!r}")
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
-            raise ValueError(f"llm_drop keep fraction must be in (0, 1], got {keep!r}")
-        pairs.append((layer, float(keep)))
-    for (l0, k0), (l1, k1) in zip(pairs, pairs[1:]):
-        if l1 <= l0 or k1 > k0:
-            raise ValueError(
-                f"llm_drop stages must have increasing layers and non-increasing keep fractions, got {pairs}"
-            )
-    if num_layers is not None and pairs and pairs[-1][0] >= num_layers - 1:
-        raise ValueError(
-            f"llm_drop layer {pairs[-1][0]} leaves no later layer to save: the language model has {num_layers} "
-            f"layers, so drops go after layers 0..{num_layers - 2}"
-        )
-    return tuple(pairs)
-
-
-def kept_count(visual: int, keep: float) -> int:
-    """Visual tokens a sample with ``visual`` of them keeps at fraction ``keep`` (rounded; at least 1 if any)."""
-    return min(visual, max(1 if visual else 0, round(keep * visual)))
-
-
-def visual_per_layer(visual: int, schedule: tuple[tuple[int, float], ...], num_layers: int) -> list[int]:
-    """Visual tokens in each layer's input for a sample with ``visual`` of them (the FLOPs model's count)."""
-    counts, present = [], visual
-    stages = dict(schedule)
-    for layer in range(num_layers):
-        counts.append(present)
-        if layer in stages:
-            present = kept_count(visual, stages[layer])
-    return counts
 
 
 @dataclass
@@ -297,6 +254,35 @@ class DropCacheState:
         return torch.cat([prompt, mask[..., self.prompt_length :]], dim=-1)
 
 
+class DropLayerMixin:
+    """Mixed into a decoder layer (on top of the Skip-FFN layer) of a model with a drop schedule: a prefill that
+    carries a :class:`DropPlan` runs the layer on its kept tokens (and drops after it, at a stage end); a decode
+    step over a cache that holds fewer prompt tokens in this layer gets the mask of the columns it kept."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        plan = kwargs.pop(DROP_PLAN_KWARG, None)
+        layer_idx = self.self_attn.layer_idx
+        if plan is not None:
+            return run_layer(self, layer_idx, super().forward, hidden_states, kwargs, plan)
+        cache = kwargs.get("past_key_values")
+        state = cache_state(cache)
+        if state is not None:
+            cached = int(cache.layers[layer_idx].get_seq_length()) if layer_idx < len(cache.layers) else 0
+            kwargs["attention_mask"] = state.decode_mask(
+                layer_idx, kwargs.get("attention_mask"), hidden_states.shape[1], cached
+            )
+        return super().forward(hidden_states, *args, **kwargs)
+
+
+def enable_llm_drop(layers: nn.ModuleList, schedule: tuple[tuple[int, float], ...]) -> None:
+    """Mix :class:`DropLayerMixin` into every layer when there is a schedule, take it off when there is none. Call it
+    after the Skip-FFN swap (``enable_skip_ffn``), which it sits on top of."""
+    for layer in layers:
+        unmix(layer, DropLayerMixin)
+        if schedule:
+            mix_into(layer, DropLayerMixin)
+
+
 class DropCacheMixin(RowStateCacheMixin):
     """Mixed into the cache of a prefill that dropped tokens: beam reordering moves the bookkeeping too; cropping
     (assisted decoding) is refused, since the layers hold different prompt lengths."""
@@ -308,11 +294,6 @@ class DropCacheMixin(RowStateCacheMixin):
             "a cache whose later layers dropped visual tokens (llm_drop) cannot be cropped: assisted and "
             "prompt-lookup decoding are not supported with in-LLM dropping"
         )
-
-
-@memoize
-def _drop_cache_class(base: type) -> type:
-    return type(base.__name__, (DropCacheMixin, base), {"__module__": base.__module__})
 
 
 def check_cache(cache: Any) -> None:
@@ -334,7 +315,7 @@ def attach_state(cache: Cache, plan: DropPlan) -> None:
     all_valid = {start: bool(valid.all()) for start, valid in plan.valid.items()}
     state = DropCacheState(plan.visual.shape[1], dict(plan.index), dict(plan.valid), all_valid)
     setattr(cache, STATE_ATTR, state)
-    cache.__class__ = _drop_cache_class(type(cache))
+    mix_into(cache, DropCacheMixin)
 
 
 def cache_state(cache: Any) -> DropCacheState | None:

@@ -11,11 +11,8 @@ No transformers modeling code is copied.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,66 +25,26 @@ from transformers.masking_utils import create_masks_for_generate
 from . import llm_drop
 from .config import SkipVisionConfig, VisionFacts
 from .families.base import Family
-from .placeholders import (
-    check_image_spans,
-    image_token_counts,
-    raise_for_split_images,
-    scatter_image_flags,
-)
-from .sequence import ImageSequence, assemble, in_place_flags
+from .masks import answer_start, generated_rows_mask
+from .prefill import PADDING_MASK_KWARG, ForwardPlan, PrefillMixin, decode_text_positions, read_prefill_counts
 from .skip_ffn import FFN_ROWS_KWARG, enable_skip_ffn, ffn_rows
-from .skip_kv import answer_start, cache_slots, generated_rows_mask, prune_skipped_kv, skip_kv_state
+from .skip_kv import cache_slots, prune_skipped_kv, skip_kv_state
 from .summary import SummaryScorer
 
 #: the weights Skip-Vision adds to an HF model (regex over state-dict keys): the only ones a vanilla checkpoint lacks
 SKIP_VISION_WEIGHTS = r"^summary_scorer\."
 
-#: the 2-D padding mask ``generate`` passes along when it hands the forward a prepared 4-D mask (static caches)
-PADDING_MASK_KWARG = "skip_vision_padding_mask"
 
-
-@dataclass
-class DeferredCheck:
-    """An input check computed on the device (``failed``, a bool scalar) that the host reads together with the
-    prefill's row counts, in one wait; ``raise_error`` names the problem when it failed."""
-
-    failed: torch.Tensor
-    raise_error: Callable[[], None]
-
-
-def run_checks_now(checks: list[DeferredCheck]) -> None:
-    """Read deferred checks at once (outside a prefill, where there is no later read to join)."""
-    for check in checks:
-        if bool(check.failed):
-            check.raise_error()
-
-
-def read_prefill_counts(
-    dropped: torch.Tensor, skipped: torch.Tensor, checks: list[DeferredCheck]
-) -> tuple[list[int], int]:
-    """``(kept columns per sample, skipped tokens in all)`` of a prefill whose ``dropped (batch, seq)`` columns skip
-    the FFN and leave the cache, read to the host in the prefill's one wait for the device, with ``checks``."""
-    batch = dropped.shape[0]
-    values = [(~dropped).sum(dim=1), skipped.sum().reshape(1)] + [check.failed.reshape(1) for check in checks]
-    host = torch.cat([value.long() for value in values]).tolist()
-    for check, failed in zip(checks, host[batch + 1 :]):
-        if failed:
-            check.raise_error()
-    return host[:batch], host[batch]
-
-
-class SkipVisionMixin:
+class SkipVisionMixin(PrefillMixin):
     """Skip-Vision on top of an HF ``*ForConditionalGeneration``; settings live in ``config.skip_vision``."""
 
     skip_vision_family: ClassVar[Family]
-    #: check that pixel_values are finite before the tower runs (one reduction; set False in a hot loop)
-    check_finite_pixels: bool = True
     #: prompt length of the running ``generate`` call (None outside one): rows after it are generated tokens
     _skip_vision_prompt_length: int | None = None
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(config)
-        self._setup_skip_vision()
+        self.setup_skip_vision()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -110,7 +67,7 @@ class SkipVisionMixin:
         previous = self.config.skip_vision
         self.config.skip_vision = SkipVisionConfig.coerce(value).to_dict()
         try:
-            self._setup_skip_vision()
+            self.setup_skip_vision()
         except Exception:
             self.config.skip_vision = previous
             raise
@@ -118,7 +75,10 @@ class SkipVisionMixin:
     def skip_vision_facts(self) -> VisionFacts:
         return self.skip_vision_family.vision_facts(self.config)
 
-    def _setup_skip_vision(self) -> None:
+    def setup_skip_vision(self) -> None:
+        """Apply ``config.skip_vision`` to this model: check it against the model, swap the decoder layers' classes
+        (Skip-FFN, and the drop layer for a drop schedule) and add or remove the summary scorer. The constructor,
+        ``skipvision.convert`` and the ``skip_vision_config`` setter call it."""
         raw = getattr(self.config, "skip_vision", None)
         if raw is None:
             raise ValueError(
@@ -133,7 +93,10 @@ class SkipVisionMixin:
             )
         cfg.check_against(self.skip_vision_facts())
         self.config.skip_vision = cfg.to_dict()
-        enable_skip_ffn(self.skip_vision_family.decoder_layers(self), cfg.skip_layers)
+        layers = self.skip_vision_family.decoder_layers(self)
+        llm_drop.enable_llm_drop(layers, ())  # the drop layer sits on top of the Skip-FFN layer: off first
+        enable_skip_ffn(layers, cfg.skip_layers)
+        llm_drop.enable_llm_drop(layers, cfg.llm_drop)
         if not cfg.summary_tokens:
             self.summary_scorer = None
         elif getattr(self, "summary_scorer", None) is None:
@@ -177,161 +140,6 @@ class SkipVisionMixin:
             config.skip_vision = SkipVisionConfig.coerce(skip_vision).to_dict()
             kwargs["config"] = config
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-
-    # --- vision side ----------------------------------------------------------------------------------------
-    def image_sequences(self, pixel_values: torch.Tensor, **image_inputs: Any) -> list[ImageSequence]:
-        """Each image's placeholder embeddings ``[R, sigma_R, S, sigma_S]`` and its skipped flags."""
-        self._check_image_inputs(pixel_values, image_inputs)
-        return self._image_sequences(pixel_values, image_inputs)
-
-    def _check_image_inputs(self, pixel_values: Any, image_inputs: dict[str, Any]) -> None:
-        check_pixel_values(pixel_values, self.check_finite_pixels)
-        self.skip_vision_family.check_image_inputs(self.config, pixel_values, image_inputs)
-
-    def _image_sequences(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[ImageSequence]:
-        cfg = self.skip_vision_config
-        dtype = self.get_input_embeddings().weight.dtype
-        images = self.skip_vision_family.image_tokens(self, pixel_values, image_inputs, cfg)
-        for image in images:
-            image.tokens = image.tokens.to(dtype)
-        return assemble(images, cfg, self.summary_scorer)
-
-    def encode_images(self, pixel_values: torch.Tensor, **image_inputs: Any) -> torch.Tensor | list[torch.Tensor]:
-        """Each image's token sequence as it enters the language model.
-
-        ``(num_images, tokens, hidden)`` when every image has the same count (LLaVA-1.5), else a list of
-        ``(tokens_i, hidden)``. Order per image: ``[R, sigma_R, S, sigma_S]`` (``[R, S]`` without summaries).
-        """
-        sequences = [s.embeds for s in self.image_sequences(pixel_values, **image_inputs)]
-        if len({s.shape[0] for s in sequences}) <= 1 and sequences:
-            return torch.stack(sequences)
-        return sequences
-
-    def embed_multimodal(
-        self,
-        input_ids: torch.LongTensor | None,
-        pixel_values: torch.Tensor | None,
-        inputs_embeds: torch.Tensor | None = None,
-        **image_inputs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(inputs_embeds, skipped)``: token embeddings with each image's sequence scattered into its
-        placeholders, and the ``(batch, seq)`` boolean mask of skipped tokens (the full layout's embedding).
-
-        The placeholders come from ``input_ids``; without them (``generate(inputs_embeds=...)``) from the
-        embeddings equal to the image token's, as HF finds them. Given ``inputs_embeds`` are the text embeddings.
-        """
-        embeds, skipped, _, is_image, checks = self._embed_multimodal(
-            input_ids, pixel_values, inputs_embeds, image_inputs
-        )
-        run_checks_now(checks)
-        return embeds, torch.zeros_like(is_image) if skipped is None else skipped
-
-    def skipped_mask(
-        self, input_ids: torch.LongTensor | None, pixel_values: torch.Tensor | None = None, **image_inputs: Any
-    ) -> torch.Tensor:
-        """The ``(batch, seq)`` boolean mask of the skipped tokens of these inputs, in any layout."""
-        if self.skip_vision_config.in_place:
-            skipped, checks = self._in_place_skipped(input_ids, None, pixel_values, image_inputs)
-            run_checks_now(checks)
-            return torch.zeros_like(self.image_placeholder_mask(input_ids)) if skipped is None else skipped
-        return self.embed_multimodal(input_ids, pixel_values, **image_inputs)[1]
-
-    def _check_image_count(
-        self, is_image: torch.Tensor, pixel_values: Any, image_inputs: dict[str, Any]
-    ) -> tuple[int, list[int] | None]:
-        """``(images given, placeholders per sample or None)``; the per-sample counts are read to the host (one
-        wait) where the full layout needs them: a fixed-count family checks them before the tower runs."""
-        cfg = self.skip_vision_config
-        if pixel_values is not None:
-            self._check_image_inputs(pixel_values, image_inputs)
-        provided = self.skip_vision_family.num_images(pixel_values, image_inputs)
-        # the full layout reads each sample's placeholder count (one wait); in place HF's forward checks them
-        per_sample = None if cfg.in_place else is_image.sum(dim=1).tolist()
-        fixed = self.skip_vision_facts().fixed_visual_tokens
-        if fixed is not None and per_sample is not None:  # fixed count: check before running the tower
-            span = cfg.image_layout(fixed).total
-            expected = sum(image_token_counts(per_sample, span, cfg))
-            if expected != provided:
-                raise ValueError(
-                    f"input_ids hold placeholders for {expected} image(s) ({span} tokens each) "
-                    f"but {provided} image(s) were given in pixel_values"
-                )
-        elif provided == 0 and (sum(per_sample) if per_sample is not None else bool(is_image.any())):
-            raise ValueError(
-                f"input_ids hold {int(is_image.sum())} image placeholder tokens but no images were given "
-                "(pixel_values is None)"
-            )
-        return provided, per_sample
-
-    def _embed_multimodal(
-        self,
-        input_ids: torch.LongTensor | None,
-        pixel_values: torch.Tensor | None,
-        inputs_embeds: torch.Tensor | None,
-        image_inputs: dict[str, Any],
-    ) -> tuple[torch.Tensor, torch.Tensor | None, list[ImageSequence], torch.Tensor, list[DeferredCheck]]:
-        """``(inputs_embeds, skipped (None: no image), sequences, is_image, checks the host reads later)``."""
-        is_image = self.image_placeholder_mask(input_ids, inputs_embeds)
-        provided, per_sample = self._check_image_count(is_image, pixel_values, image_inputs)
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        if not provided:
-            return inputs_embeds, None, [], is_image, []
-        sequences = self._image_sequences(pixel_values, image_inputs)
-        counts = [s.embeds.shape[0] for s in sequences]
-        split = check_image_spans(is_image, counts, per_sample)
-        image_embeds = torch.cat([s.embeds for s in sequences]).to(inputs_embeds.dtype)
-        inputs_embeds = inputs_embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds)
-        skipped = scatter_image_flags(is_image, torch.cat([s.skipped for s in sequences]))
-        checks = [DeferredCheck(split, functools.partial(raise_for_split_images, is_image, counts))]
-        return inputs_embeds, skipped, sequences, is_image, checks
-
-    def _in_place_skipped(
-        self,
-        input_ids: torch.LongTensor | None,
-        inputs_embeds: torch.Tensor | None,
-        pixel_values: Any,
-        image_inputs: dict[str, Any],
-    ) -> tuple[torch.Tensor | None, list[DeferredCheck]]:
-        """The in-place layout's skipped mask: the non-retained tokens of each image block, where they are (None:
-        nothing is skipped, known without looking at the tokens), and the check the host reads later."""
-        cfg = self.skip_vision_config
-        is_image = self.image_placeholder_mask(input_ids, inputs_embeds)
-        provided, _ = self._check_image_count(is_image, pixel_values, image_inputs)
-        if cfg.native or not provided:
-            return None, []
-        blocks = self.skip_vision_family.image_blocks(self.config, is_image, image_inputs)
-        counts = [count for count, _ in blocks]
-
-        def wrong_count() -> None:
-            raise ValueError(
-                f"input_ids hold {int(is_image.sum())} image placeholder tokens but the {provided} image(s) given "
-                f"have {sum(counts)} visual tokens; expand each image with the model's own processor"
-            )
-
-        flags = in_place_flags(counts, [grid for _, grid in blocks], cfg, is_image.device)
-        check = DeferredCheck(is_image.sum() != sum(counts), wrong_count)
-        return scatter_image_flags(is_image, flags), [check]
-
-    def image_placeholder_mask(
-        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``(batch, seq)`` mask of the image placeholder tokens, from ``input_ids`` or else from the embeddings."""
-        image_token_id = self.skip_vision_family.image_token_id(self.config)
-        if input_ids is None:
-            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.ndim != 3:
-                raise ValueError("pass input_ids (batch, sequence) or inputs_embeds (batch, sequence, hidden)")
-            token = torch.tensor(image_token_id, device=inputs_embeds.device)
-            return (inputs_embeds == self.get_input_embeddings()(token).to(inputs_embeds.dtype)).all(-1)
-        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a (batch, sequence) tensor; got {shape} (add a batch dimension)")
-        if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
-            raise ValueError(
-                f"input_ids {tuple(input_ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} describe "
-                "different sequences"
-            )
-        return input_ids == image_token_id
 
     # --- generation -----------------------------------------------------------------------------------------
     def prepare_inputs_for_generation(
@@ -429,119 +237,25 @@ class SkipVisionMixin:
         use_cache: bool | None = None,
         **kwargs: Any,
     ):
-        # the settings are parsed only where images are (a decode step, possibly compiled, needs none of them)
-        image_inputs = {k: kwargs.pop(k) for k in self.skip_vision_family.image_input_names if k in kwargs}
-        image_inputs = {k: v for k, v in image_inputs.items() if v is not None}
-        mask_2d = kwargs.pop(PADDING_MASK_KWARG, None)
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
-            mask_2d = attention_mask
+        # plan (prefill.py: R/S/summaries, positions), mask policy (masks.py), run, prune the cache (skip_kv.py)
         cache = past_key_values if isinstance(past_key_values, Cache) else None
-        state = skip_kv_state(cache)
-        if input_ids is None and inputs_embeds is None:
-            raise ValueError("pass input_ids or inputs_embeds")
-        skipped, checks = None, []
-        if pixel_values is not None:
-            # tokens already cached (full coordinates): a prefill has none
-            past_length = 0 if cache is None else int(cache.get_seq_length())
-            if past_length and not bool(self.image_placeholder_mask(input_ids, inputs_embeds).any()):
-                # a continued chat re-sends the conversation's images; their placeholders are all in the cache
-                pixel_values, image_inputs = None, {}
-            elif past_length and self.skip_vision_config.skip_kv_cache and use_cache is not False:
-                raise ValueError(
-                    f"new images after a non-empty cache ({past_length} tokens): Skip KV-cache prunes the skipped "
-                    "tokens once, right after the prefill of an empty cache, so a later turn cannot add images to it. "
-                    "Prefill a new cache with the whole conversation, or set skip_kv_cache=False."
-                )
-        cfg = None
-        context: contextlib.AbstractContextManager = contextlib.nullcontext()
-        family = self.skip_vision_family
-        is_prefill = pixel_values is not None or (
-            input_ids is not None and not torch.compiler.is_compiling() and (cache is None or cache_slots(cache) == 0)
+        plan = self._plan_forward(
+            input_ids, pixel_values, attention_mask, position_ids, inputs_embeds, cache, use_cache, kwargs
         )
-        visual = None  # image placeholders of a prefill, for in-LLM dropping
-        if is_prefill:
-            cfg = self.skip_vision_config
-            if cfg.llm_drop and cfg.in_place:
-                visual = self.image_placeholder_mask(input_ids, inputs_embeds)
-            if cfg.in_place:
-                # the model's own layout: HF embeds the images and places them; only the skipped tokens are marked
-                skipped, checks = self._in_place_skipped(input_ids, inputs_embeds, pixel_values, image_inputs)
-                kwargs.update(image_inputs)
-                if pixel_values is not None:
-                    kwargs["pixel_values"] = pixel_values
-            else:
-                # a prefill: embed here, so placeholders without images are an error and never a silent text token
-                for name in family.unsupported_inputs:
-                    if kwargs.get(name) is not None:
-                        raise ValueError(
-                            f"{name} is not supported by Skip-Vision's full layout; use layout='inplace' "
-                            "(which leaves them to the HF model)"
-                        )
-                inputs_embeds, skipped, sequences, is_image, checks = self._embed_multimodal(
-                    input_ids, pixel_values, inputs_embeds, image_inputs
-                )
-                visual = is_image
-                if family.uses_mrope and (position_ids is None or position_ids.ndim == 2):
-                    # given 3-D positions are the caller's own; 1-D ones (generate's) are only the text axis
-                    position_ids = family.layout_position_ids(self, is_image, mask_2d, sequences, image_inputs)
-                if sequences:
-                    context = family.language_model_context(self, is_image, sequences)
-                input_ids = None
-        elif isinstance(position_ids, torch.Tensor) and position_ids.ndim == 2 and family.uses_mrope:
-            # a decode step of the full layout: generate passes text positions (see _prepare_position_ids_...)
-            position_ids = family.rope_position_ids(self, position_ids)
-
-        padding = dropped = kept_rows = None
-        has_skipped = False
-        if skipped is not None:
-            if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == skipped.shape:
-                padding = attention_mask == 0
-            # padding columns go with S: no query reads them and no label scores them, so they skip the FFN and
-            # leave the cache too. The host reads their counts once; every layer reuses what follows from them.
-            dropped = skipped if padding is None else skipped | padding
-            kept_rows, skipped_total = read_prefill_counts(dropped, skipped, checks)
-            has_skipped = skipped_total > 0
-        prunes = has_skipped and cfg is not None and cfg.skip_kv_cache and not self.training and use_cache is not False
-        if has_skipped:
-            kwargs[FFN_ROWS_KWARG] = ffn_rows(dropped, sum(kept_rows))
-            prompt_length = self._skip_vision_prompt_length
-            if prunes and prompt_length is not None and skipped.shape[1] > prompt_length:
-                # a prefill that carries drafted tokens (assisted decoding): they must not see S, as when decoded
-                attention_mask = generated_rows_mask(attention_mask, skipped, prompt_length, self.dtype)
-            elif cfg is not None and cfg.train_mask == "answer_blind" and labels is not None and not prunes:
-                # answer tokens do not see S in training, as generated tokens do not after pruning
-                attention_mask = generated_rows_mask(
-                    attention_mask if padding is not None else None, skipped, answer_start(labels), self.dtype
-                )
-        elif self.training and self.summary_scorer is not None and inputs_embeds is not None:
-            # text-only batch: touch the scorer so every DDP/ZeRO rank reduces the same parameters
-            touch = sum(p.sum() for p in self.summary_scorer.parameters())
-            inputs_embeds = inputs_embeds + 0.0 * touch.to(inputs_embeds.dtype)
-
-        if state is not None:
-            query_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            slots = cache_slots(cache)
-            if position_ids is None:
-                position_ids = family.rope_position_ids(self, state.positions(attention_mask, slots, query_length))
-            attention_mask = state.compact_attention_mask(attention_mask, slots, query_length)
-        elif position_ids is None and family.uses_mrope and not is_prefill and cache is not None:
-            # a direct decode step (no generate): text positions from the full 2-D mask, M-RoPE from the prompt's
-            # rope delta (HF's own fallback reads the whole mask as the query's and fails)
-            position_ids = family.rope_position_ids(
-                self, _decode_text_positions(attention_mask, cache, input_ids, inputs_embeds)
-            )
-
-        plan = None
-        if cfg is not None and cfg.llm_drop and visual is not None and bool(visual.any()):
-            plan = self._drop_plan(cfg, visual, mask_2d, labels, past_key_values if use_cache is not False else None)
-            kwargs[llm_drop.DROP_PLAN_KWARG] = plan
-        with context:
+        rows = self._skipped_rows(plan, attention_mask, use_cache, kwargs)
+        attention_mask = self._prefill_mask(plan, rows, attention_mask, labels)
+        position_ids, attention_mask = self._cached_step(plan, cache, attention_mask)
+        drop = None
+        if plan.cfg is not None and plan.cfg.llm_drop and plan.visual is not None and bool(plan.visual.any()):
+            drop = self._drop_plan(plan, labels, past_key_values if use_cache is not False else None)
+            kwargs[llm_drop.DROP_PLAN_KWARG] = drop
+        with plan.context:
             outputs = super().forward(
-                input_ids=input_ids,
+                input_ids=plan.input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
+                inputs_embeds=plan.inputs_embeds,
                 labels=labels,
                 use_cache=use_cache,
                 **kwargs,
@@ -551,15 +265,75 @@ class SkipVisionMixin:
             returned = next((entry for entry in outputs if isinstance(entry, Cache)), None)
         else:
             returned = outputs.past_key_values
-        if prunes and isinstance(returned, Cache):
-            prune_skipped_kv(returned, dropped, kept_rows)
-        if plan is not None and plan.index and isinstance(returned, Cache) and not self.training:
-            llm_drop.attach_state(returned, plan)
+        if rows is not None and rows.prunes and isinstance(returned, Cache):
+            prune_skipped_kv(returned, rows.dropped, rows.kept)
+        if drop is not None and drop.index and isinstance(returned, Cache) and not self.training:
+            llm_drop.attach_state(returned, drop)
         return outputs
 
-    def _drop_plan(
-        self, cfg: SkipVisionConfig, visual: torch.Tensor, mask_2d: Any, labels: Any, cache: Any
-    ) -> llm_drop.DropPlan:
+    def _skipped_rows(
+        self, plan: ForwardPlan, attention_mask: Any, use_cache: bool | None, kwargs: dict[str, Any]
+    ) -> SkippedRows | None:
+        """The prefill's rows that skip the FFN (S and padding), read to the host once with the plan's checks; the
+        Skip-FFN layers get their FFN rows through ``kwargs``. None: nothing skips."""
+        if plan.skipped is None:
+            self._touch_summary_scorer(plan)
+            return None
+        padding = None
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == plan.skipped.shape:
+            padding = attention_mask == 0
+        # padding columns go with S: no query reads them and no label scores them, so they skip the FFN and leave
+        # the cache too. The host reads their counts once; every layer reuses what follows from them.
+        dropped = plan.skipped if padding is None else plan.skipped | padding
+        kept, skipped_total = read_prefill_counts(dropped, plan.skipped, plan.checks)
+        if not skipped_total:
+            self._touch_summary_scorer(plan)
+            return None
+        kwargs[FFN_ROWS_KWARG] = ffn_rows(dropped, sum(kept))
+        prunes = plan.cfg.skip_kv_cache and not self.training and use_cache is not False
+        return SkippedRows(dropped, kept, padding is not None, prunes)
+
+    def _touch_summary_scorer(self, plan: ForwardPlan) -> None:
+        # a batch without skipped tokens in training: touch the scorer so every DDP/ZeRO rank reduces the same
+        # parameters
+        if self.training and self.summary_scorer is not None and plan.inputs_embeds is not None:
+            touch = sum(p.sum() for p in self.summary_scorer.parameters())
+            plan.inputs_embeds = plan.inputs_embeds + 0.0 * touch.to(plan.inputs_embeds.dtype)
+
+    def _prefill_mask(self, plan: ForwardPlan, rows: SkippedRows | None, attention_mask: Any, labels: Any) -> Any:
+        """The prefill's mask policy (``masks.py``): rows that are generated tokens (assisted decoding's drafts) or,
+        in answer-blind training, answer tokens do not see S; any other mask is the caller's."""
+        if rows is None:
+            return attention_mask
+        prompt_length = self._skip_vision_prompt_length
+        if rows.prunes and prompt_length is not None and plan.skipped.shape[1] > prompt_length:
+            # a prefill that carries drafted tokens: they must not see S, as when decoded
+            return generated_rows_mask(attention_mask, plan.skipped, prompt_length, self.dtype)
+        if plan.cfg.train_mask == "answer_blind" and labels is not None and not rows.prunes:
+            # answer tokens do not see S in training, as generated tokens do not after pruning
+            padded = attention_mask if rows.has_padding else None
+            return generated_rows_mask(padded, plan.skipped, answer_start(labels), self.dtype)
+        return attention_mask
+
+    def _cached_step(self, plan: ForwardPlan, cache: Cache | None, attention_mask: Any) -> tuple[Any, Any]:
+        """``(position_ids, attention_mask)`` of a step over a cache: a pruned cache's mask maps onto its slots and
+        its positions continue from the full length (never renumbered)."""
+        family, position_ids = self.skip_vision_family, plan.position_ids
+        state = skip_kv_state(cache)
+        if state is not None:
+            query_length = (plan.input_ids if plan.input_ids is not None else plan.inputs_embeds).shape[1]
+            slots = cache_slots(cache)
+            if position_ids is None:
+                position_ids = family.rope_position_ids(self, state.positions(attention_mask, slots, query_length))
+            return position_ids, state.compact_attention_mask(attention_mask, slots, query_length)
+        if position_ids is None and family.uses_mrope and not plan.is_prefill and cache is not None:
+            # a direct decode step (no generate): text positions from the full 2-D mask, M-RoPE from the prompt's
+            # rope delta (HF's own fallback reads the whole mask as the query's and fails)
+            text = decode_text_positions(attention_mask, cache, plan.input_ids, plan.inputs_embeds)
+            position_ids = family.rope_position_ids(self, text)
+        return position_ids, attention_mask
+
+    def _drop_plan(self, plan: ForwardPlan, labels: Any, cache: Any) -> llm_drop.DropPlan:
         """The in-LLM dropping plan of a prefill: checked attention and cache, each sample's query token."""
         attn = self.config.get_text_config()._attn_implementation
         if attn not in ("eager", "sdpa"):
@@ -570,11 +344,13 @@ class SkipVisionMixin:
                 "in-LLM dropping (llm_drop) ranks and drops a prompt's visual tokens in the prefill of an empty cache; "
                 "prefill a new cache with the whole conversation to add images"
             )
+        visual = plan.visual
         if self._skip_vision_prompt_length is not None and visual.shape[1] > self._skip_vision_prompt_length:
             raise NotImplementedError("assisted and prompt-lookup decoding are not supported with llm_drop")
+        mask_2d = plan.padding_mask
         mask = mask_2d if isinstance(mask_2d, torch.Tensor) and mask_2d.shape == visual.shape else None
         return llm_drop.DropPlan(
-            schedule=cfg.llm_drop,
+            schedule=plan.cfg.llm_drop,
             visual=visual,
             query_index=llm_drop.query_indices(mask, labels, visual.shape),
             num_layers=len(self.skip_vision_family.decoder_layers(self)),
@@ -582,35 +358,15 @@ class SkipVisionMixin:
         )
 
 
-def _decode_text_positions(
-    attention_mask: Any, cache: Cache, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
-) -> torch.Tensor:
-    """``(batch, q)`` 1-D positions of the query tokens of a cached step: from a full-coordinate 2-D mask, or the
-    tokens seen so far."""
-    query = input_ids if input_ids is not None else inputs_embeds
-    batch, length = query.shape[0], query.shape[1]
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
-        return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -length:]
-    seen = int(cache.get_seq_length())
-    return torch.arange(seen, seen + length, device=query.device).expand(batch, length)
+@dataclass
+class SkippedRows:
+    """A prefill's rows that skip the FFN: ``dropped (batch, L)`` (S and padding), each sample's kept count (read
+    once to the host), whether padding is among them, and whether the cache is pruned after the forward."""
 
-
-def check_pixel_values(pixel_values: Any, check_finite: bool = True) -> None:
-    """Raise ``ValueError`` unless ``pixel_values`` is a floating tensor of normalised, finite values."""
-    if not isinstance(pixel_values, torch.Tensor):
-        raise ValueError(
-            f"pixel_values must be a torch.Tensor (the processor's return_tensors='pt' output); got "
-            f"{type(pixel_values).__name__}"
-        )
-    if not pixel_values.is_floating_point():
-        raise ValueError(
-            f"pixel_values have dtype {pixel_values.dtype}; the model needs the processor's normalised floating "
-            "point output, not raw image bytes"
-        )
-    # one float32 sum: NaN and inf propagate into it (normalised pixels cannot overflow it), and it costs a
-    # fraction of an elementwise isfinite over every value
-    if check_finite and not bool(torch.isfinite(pixel_values.sum(dtype=torch.float32))):
-        raise ValueError("pixel_values contain NaN or inf")
+    dropped: torch.Tensor
+    kept: list[int]
+    has_padding: bool
+    prunes: bool
 
 
 def _forward_with_signature_of(hf_class: type) -> Any:

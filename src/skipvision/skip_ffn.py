@@ -7,12 +7,10 @@ runs on fewer rows: FLOPs and time drop with the number of skipped tokens.
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 from torch import nn
 
-from . import llm_drop
+from .mixing import mix_into
 
 #: Keyword argument, passed down through the HF decoder stack, holding the flat ``(batch * seq)`` row indices
 #: that run the FFN. A forward kwarg (not module state) so gradient checkpointing replays it.
@@ -31,23 +29,6 @@ class SkipFFNLayerMixin:
     skip_ffn: bool = False
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        # in-LLM dropping (FastV, PyramidDrop): a prefill carries its plan; decode steps read the cache's state
-        plan = kwargs.pop(llm_drop.DROP_PLAN_KWARG, None)
-        if plan is not None:
-            return llm_drop.run_layer(
-                self, self.self_attn.layer_idx, self._skip_ffn_forward, hidden_states, kwargs, plan
-            )
-        cache = kwargs.get("past_key_values")
-        state = llm_drop.cache_state(cache)
-        if state is not None:
-            layer_idx = self.self_attn.layer_idx
-            cached = int(cache.layers[layer_idx].get_seq_length()) if layer_idx < len(cache.layers) else 0
-            kwargs["attention_mask"] = state.decode_mask(
-                layer_idx, kwargs.get("attention_mask"), hidden_states.shape[1], cached
-            )
-        return self._skip_ffn_forward(hidden_states, *args, **kwargs)
-
-    def _skip_ffn_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         ffn_rows = kwargs.pop(FFN_ROWS_KWARG, None)
         if ffn_rows is None or not self.skip_ffn:
             return super().forward(hidden_states, *args, **kwargs)
@@ -62,11 +43,6 @@ class SkipFFNLayerMixin:
         # autocast the FFN's output is in the autocast dtype and the residual stream is not: HF's ``residual + mlp``
         # promotes to the stream's dtype, and so does this cast
         return flat.index_add_(0, ffn_rows, update.to(flat.dtype)).view_as(hidden_states)
-
-
-@cache
-def _skip_ffn_class(base: type) -> type:
-    return type(base.__name__, (SkipFFNLayerMixin, base), {"__module__": base.__module__})
 
 
 def enable_skip_ffn(layers: nn.ModuleList, skip_layers: tuple[int, ...] | None) -> None:
@@ -86,8 +62,7 @@ def enable_skip_ffn(layers: nn.ModuleList, skip_layers: tuple[int, ...] | None) 
                 "its post_attention_layernorm normalises the attention output), which the Llama-style skip would "
                 "compute wrongly. This family is not supported."
             )
-        if not isinstance(layer, SkipFFNLayerMixin):
-            layer.__class__ = _skip_ffn_class(type(layer))
+        mix_into(layer, SkipFFNLayerMixin)
         layer.skip_ffn = index in chosen
 
 

@@ -14,12 +14,13 @@ one is compacted into its first slots.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import cache as memoize
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
-from .cache_rows import RowStateCacheMixin, compact_slots
+from .cache_rows import RowStateCacheMixin
+from .masks import compact_prompt_columns, compact_slots
+from .mixing import mix_into
 
 STATE_ATTR = "skip_vision_state"
 
@@ -79,9 +80,7 @@ class SkipKVState:
                     f"attention_mask has {attention_mask.shape[1]} columns; after Skip KV-cache pruning it must "
                     f"cover the full sequence, {full} columns (prompt + generated tokens, pruned positions included)"
                 )
-        prompt = attention_mask[:, : self.prompt_length].gather(1, self.kept_index)
-        prompt = prompt * self.slot_valid.to(prompt.dtype)
-        return torch.cat([prompt, attention_mask[:, self.prompt_length :]], dim=1)
+        return compact_prompt_columns(attention_mask, self.prompt_length, self.kept_index, self.slot_valid)
 
     def without_trailing_prompt(self, count: int) -> CroppedPrompt:
         """The state after removing the prompt's last ``count`` columns, and the slots each sample keeps.
@@ -184,11 +183,6 @@ def _keep_slots(layer: DynamicLayer | StaticLayer, source: torch.Tensor, num_slo
         layer.cumulative_length.fill_(width)
 
 
-@memoize
-def _pruned_cache_class(base: type) -> type:
-    return type(base.__name__, (PrunedCacheMixin, base), {"__module__": base.__module__})
-
-
 def _shrink_static_layer(layer: StaticLayer, num_slots: int) -> None:
     """Finish resizing a static layer whose keys and values were just replaced by smaller ones."""
     layer.skip_vision_full_max_cache_len = getattr(layer, "skip_vision_full_max_cache_len", layer.max_cache_len)
@@ -212,30 +206,6 @@ def _restore_static_layer(layer: StaticLayer) -> None:
 def cache_slots(cache: Cache, layer_idx: int = 0) -> int:
     """Entries the cache really holds (for a pruned cache, fewer than the tokens seen)."""
     return Cache.get_seq_length(cache, layer_idx)
-
-
-def answer_start(labels: torch.Tensor) -> torch.Tensor:
-    """``(batch,)``: each sample's first supervised position (``labels != -100``); the sequence length where none."""
-    positions = torch.arange(labels.shape[1], device=labels.device)
-    return torch.where(labels != -100, positions, labels.shape[1]).amin(1)
-
-
-def generated_rows_mask(
-    attention_mask: torch.Tensor | None, skipped: torch.Tensor, first_generated: int | torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """Additive 4-D mask for a prefill whose rows from ``first_generated`` on (an int, or one per sample) are
-    generated tokens: causal, no padding columns, and generated rows do not see the skipped columns (what they
-    would see after pruning). Also the answer-blind training mask, with each sample's first answer token."""
-    batch, length = skipped.shape
-    rows = torch.arange(length, device=skipped.device)
-    first = torch.as_tensor(first_generated, device=skipped.device).reshape(-1, 1, 1)
-    allowed = (rows[:, None] >= rows[None, :]).expand(batch, length, length)
-    if attention_mask is not None:
-        allowed = allowed & attention_mask.bool()[:, None, :]
-    allowed = allowed & ~((rows[None, :, None] >= first) & skipped[:, None, :])
-    allowed = allowed | torch.eye(length, dtype=torch.bool, device=skipped.device)  # padding rows see themselves
-    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=skipped.device)
-    return torch.where(allowed, torch.zeros((), dtype=dtype, device=skipped.device), blocked)[:, None]
 
 
 def skip_kv_state(cache: Cache | None) -> SkipKVState | None:
@@ -300,5 +270,5 @@ def prune_skipped_kv(cache: Cache, skipped: torch.Tensor, kept_counts: list[int]
             _shrink_static_layer(layer, num_slots)
     state = SkipKVState(length, kept_index, slot_valid, all_slots_valid=all_valid)
     setattr(cache, STATE_ATTR, state)
-    cache.__class__ = _pruned_cache_class(type(cache))
+    mix_into(cache, PrunedCacheMixin)
     return state

@@ -1,6 +1,6 @@
 """Model families Skip-Vision supports, one module each (the facts of that family and its model class).
 
-A new family is one module here: a :class:`skipvision.model.Family` subclass stating its facts, its
+A new family is one module here: a :class:`skipvision.families.base.Family` subclass stating its facts, its
 ``SkipVisionMixin`` model class, and an entry in :data:`FAMILIES`.
 """
 

@@ -3,7 +3,6 @@ the processor's class is swapped for a subclass that writes ``config.image_layou
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 from transformers import ProcessorMixin
 
 from ..config import SkipVisionConfig
+from ..mixing import base_class, mix_into, mixed_class, unmix
 from .base import Family
 
 
@@ -21,12 +21,11 @@ def expand_image_tokens(family: Family, processor: ProcessorMixin, config: SkipV
     that keep the model's own counts (vanilla, in-place) restore HF's class."""
     if not isinstance(processor, family.processor_class):
         raise TypeError(f"expected a {family.processor_class.__name__}, got {type(processor).__name__}")
-    vanilla = getattr(type(processor), "skip_vision_base", type(processor))
     if config.in_place:
-        processor.__class__ = vanilla
+        unmix(processor, _SkipVisionProcessorMixin)
         processor.__dict__.pop("skip_vision", None)
     else:
-        processor.__class__ = _skip_vision_processor(vanilla, family)
+        mix_into(processor, _SkipVisionProcessorMixin, skip_vision_family=family)
         processor.skip_vision = config
     return processor
 
@@ -48,16 +47,10 @@ class _SkipVisionProcessorMixin:
         return self.image_token * self.skip_vision.image_layout(visual).total
 
 
-@functools.cache
-def _skip_vision_processor(base: type, family: Family) -> type:
-    attrs = {"__module__": base.__module__, "skip_vision_base": base, "skip_vision_family": family}
-    return type(base.__name__, (_SkipVisionProcessorMixin, base), attrs)
-
-
 def hf_processor_class(processor: Any) -> type:
     """The HF class behind a processor (an instance or a class) that Skip-Vision may have subclassed."""
     cls = processor if isinstance(processor, type) else type(processor)
-    cls = getattr(cls, "skip_vision_base", cls)
+    cls = base_class(cls, _SkipVisionProcessorMixin)
     return getattr(cls, "skip_vision_hf_class", cls)
 
 
@@ -81,16 +74,10 @@ class _ImageOnlyProcessorMixin:
         save_image_only(self, save_directory, IMAGE_ONLY_SETTINGS.get(self.skip_vision_hf_class, ()))
 
 
-@functools.cache
-def _image_only_class(base: type) -> type:
-    attrs = {"__module__": base.__module__, "skip_vision_hf_class": base}
-    return type(base.__name__, (_ImageOnlyProcessorMixin, base), attrs)
-
-
 def image_only_processor(processor_class: type, image_processor: Any, tokenizer: Any, **kwargs: Any) -> Any:
     """A ``processor_class`` without a video processor (HF's argument check needs torchvision to name the video
     processor class, so it is skipped for ``video_processor=None``); ``save_pretrained`` works on it."""
-    processor_class = _image_only_class(processor_class)
+    processor_class = mixed_class(_ImageOnlyProcessorMixin, processor_class, skip_vision_hf_class=processor_class)
     processor = processor_class.__new__(processor_class)
     processor.check_argument_for_proper_class = lambda _name, _arg: None
     processor.__init__(image_processor=image_processor, video_processor=None, tokenizer=tokenizer, **kwargs)

@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from ..api import configure_processor, convert, family_of
 from ..config import SkipVisionConfig, vanilla_config
 from . import measure
+from .options import MIN_IMAGE_SIZE, int_at_least, non_negative_int, option, positive_int, torch_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: where the bench (and the latency protocol) runs unless told: the GPU when there is one
@@ -36,17 +37,28 @@ WORDS = "what color shape is the left right small large count how many square ci
 
 @dataclass
 class BenchSettings:
-    batch_sizes: tuple[int, ...] = (1, 4)
-    dtypes: tuple[str, ...] = ("fp32",)
-    tiles: tuple[int, ...] = (0,)  # anyres tile counts to measure (0 = the tower's own image size, no tiling)
-    image_size: int = 336  # image side for dynamic-resolution towers (Qwen-VL), which have no size of their own
-    new_tokens: int = 16
+    """One benchmark; each field with help text is also a ``skipvision bench`` option (``options.py``)."""
+
+    batch_sizes: tuple[int, ...] = option((1, 4), type=positive_int, nargs="+", help="batch sizes to measure")
+    dtypes: tuple[str, ...] = option(("fp32",), nargs="+", choices=["fp32", "bf16"], help="dtypes to measure")
+    tiles: tuple[int, ...] = option(
+        (0,),
+        type=non_negative_int,
+        nargs="+",
+        help="anyres families: tile counts to measure (image sized to give them); 0 = no tiling",
+    )
+    image_size: int = option(
+        336, type=int_at_least(MIN_IMAGE_SIZE), help="image side for dynamic-resolution towers (Qwen-VL)"
+    )
+    new_tokens: int = option(16, type=positive_int, help="decode steps per generate / decode timing")
     text_tokens: int = 24  # prompt words around the image
-    warmup: int = 1
-    repeats: int = 3
-    train: bool = True
-    freeze_tower: bool = False  # train the language model and projector only (the usual fine-tuning recipe)
-    device: str = DEFAULT_DEVICE
+    warmup: int = option(1, type=non_negative_int, help="untimed warm-up repetitions")
+    repeats: int = option(
+        3, type=positive_int, help="timed rounds, the variants interleaved in each (the median is reported)"
+    )
+    train: bool = option(True, flag="--no-train", negate=True, help="skip the training-step timing")
+    freeze_tower: bool = option(False, help="train step: the vision tower frozen (LLM + projector trained)")
+    device: str = option(DEFAULT_DEVICE, type=torch_device, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
 def variants(skip: SkipVisionConfig) -> dict[str, SkipVisionConfig]:

@@ -14,6 +14,14 @@ from typing import Any, NoReturn
 
 from ..config import LAYOUTS, MERGES, SkipVisionConfig, in_place_config
 from ..selection import SELECTIONS
+from .options import (
+    MIN_IMAGE_SIZE,
+    add_options,
+    int_at_least,
+    non_negative_int,
+    options_from,
+    positive_int,
+)
 
 
 class UsageError(ValueError):
@@ -34,41 +42,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        silent = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        silent = flag or action.default is None or action.default == argparse.SUPPRESS
         if "default" in text or silent or not action.option_strings:
             return text
         return super()._get_help_string(action)
-
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse ``type`` for whole numbers >= ``low``: a zero batch or a negative token count is refused by the
-    option's name before anything runs."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    parse.__name__ = f"int_at_least_{low}"
-    return parse
-
-
-positive_int = _int_at_least(1)
-non_negative_int = _int_at_least(0)
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def _count_or_fraction(text: str) -> int | float:
@@ -89,16 +67,6 @@ def _task_name(text: str) -> str:
     # the name becomes file names and the lmms-eval task id: no folders, no spaces
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", text) or text.startswith("."):
         raise argparse.ArgumentTypeError(f"expected letters, digits, '_', '-' or '.', got {text!r}")
-    return text
-
-
-def _device(text: str) -> str:
-    import torch
-
-    try:
-        torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (cpu, cuda, cuda:1, ...)") from None
     return text
 
 
@@ -332,31 +300,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.image_folder and not Path(args.image_folder).is_dir():
         raise ValueError(f"--image-folder {args.image_folder} is not a folder")
     skip = _skip_vision_from_args(args, _checkpoint_skip_vision(args.model))
-    summary = train(
-        TrainConfig(
-            model=args.model,
-            data=args.data,
-            output_dir=args.out,
-            skip_vision=skip,
-            image_folder=args.image_folder,
-            max_steps=args.max_steps,
-            batch_size=args.batch_size,
-            grad_accum=args.grad_accum,
-            learning_rate=args.lr,
-            bf16=args.bf16,
-            seed=args.seed,
-            save_steps=args.save_steps,
-            logging_steps=args.logging_steps,
-            max_length=args.max_length,
-            freeze_vision_tower=not args.train_vision_tower,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            skip_bad_records=args.skip_bad_records,
-            allow_outside_image_folder=args.allow_outside_image_folder,
-            lora=lora,
-            extra_args=extra_args,
-        )
-    )
+    options = options_from(TrainConfig, args)
+    summary = train(TrainConfig(**options, skip_vision=skip, lora=lora, extra_args=extra_args))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
 
 
@@ -507,18 +452,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     base, processor, skip, source = _bench_model(args)
     for tiles in args.tiles:  # before any timing: a tile count the model's grid cannot give
         image_size_for_tiles(base.config, tiles, args.image_size)
-    settings = BenchSettings(
-        batch_sizes=tuple(args.batch_sizes),
-        dtypes=tuple(args.dtypes),
-        tiles=tuple(args.tiles),
-        new_tokens=args.new_tokens,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        train=not args.no_train,
-        freeze_tower=args.freeze_tower,
-        image_size=args.image_size,
-        **({"device": args.device} if args.device else {}),
-    )
+    options = options_from(BenchSettings, args)
+    settings = BenchSettings(**{k: v for k, v in options.items() if v is not None})
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     header = f"# skipvision bench: {source}, N_r={skip.num_retained} N_s={skip.num_skipped} ({skip.layout} layout)"
     if args.count_ops:
@@ -710,60 +645,36 @@ def _add_data_args(p: argparse.ArgumentParser, model_help: str) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-    from ..flops import DEFAULT_TEXT_TOKENS, PAPER_SHAPES
-    from .compare import FULL_DEFAULTS, QUICK
+def _add_init_model(add: Callable[..., argparse.ArgumentParser]) -> None:
     from .presets import MODEL_PRESETS
 
     presets = sorted(MODEL_PRESETS)
-    fmt = _HelpFormatter
-    parser = _Parser(prog="skipvision", description=__doc__, formatter_class=fmt)
-    parser.add_argument("--version", action="version", version=f"skipvision {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add = lambda name, **kw: sub.add_parser(name, formatter_class=fmt, **kw)  # noqa: E731
-
     p = add("init-model", help="write a tiny random checkpoint of a supported family (no download)")
     p.add_argument("--preset", default="tiny", choices=presets, help="model preset (family and sizes)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     p.set_defaults(func=cmd_init_model)
 
+
+def _add_make_data(add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("make-data", help="generate the embedded shapes VQA dataset (LLaVA JSON + PNG)")
     p.add_argument("--out", required=True, help="folder for train.json, test.json and images/")
     p.add_argument("--n", type=int, default=2000, help="records to generate (at least 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the scenes and questions")
     p.add_argument(
         "--image-size",
-        type=_int_at_least(MIN_IMAGE_SIZE),
+        type=int_at_least(MIN_IMAGE_SIZE),
         default=168,
         help="scene size in pixels (336 gives tiny-next 2x2 tiles)",
     )
     p.set_defaults(func=cmd_make_data)
 
+
+def _add_train(add: Callable[..., argparse.ArgumentParser]) -> None:
+    from .train import TrainConfig
+
     p = add("train", help="fine-tune a checkpoint with (or without) Skip-Vision on HF Trainer")
-    _add_data_args(p, "checkpoint directory (vanilla or Skip-Vision) with its processor")
-    p.add_argument("--out", required=True, help="output folder of the run (checkpoints, final/, summary)")
-    p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue this run from its last checkpoint in --out; give the run's own settings again (a changed "
-        "setting is refused)",
-    )
-    p.add_argument("--max-steps", type=positive_int, default=100, help="optimizer steps")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="per-device batch size")
-    p.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (cosine schedule)")
-    p.add_argument("--bf16", action="store_true", help="train in bf16 mixed precision")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
-    p.add_argument("--save-steps", type=positive_int, default=50, help="write a checkpoint every N steps")
-    p.add_argument("--logging-steps", type=positive_int, default=10, help="log the loss every N steps")
-    p.add_argument(
-        "--max-length", type=positive_int, default=1024, help="longest tokenised conversation; longer are cut"
-    )
-    p.add_argument("--train-vision-tower", action="store_true", help="also train the tower (default: frozen)")
-    p.add_argument("--skip-bad-records", action="store_true", help="drop records that cannot be read, with a warning")
+    add_options(p, TrainConfig)
     p.add_argument("--training-args", help="extra TrainingArguments, JSON or a JSON file (fsdp, deepspeed, ...)")
     p.add_argument(
         "--lora",
@@ -778,6 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_skip_vision_args(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_lmms_eval_task(add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("lmms-eval-task", help="write an lmms-eval task (YAML + docs) for a LLaVA JSON file, for --include_path")
     p.add_argument("--data", required=True, help="LLaVA JSON with one question and answer per record")
     p.add_argument("--out", required=True, help="folder for the task files (pass it to lmms-eval --include_path)")
@@ -788,6 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_lmms_eval_task)
 
+
+def _add_eval(add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("eval", help="exact-match accuracy with generate (a vanilla checkpoint is the baseline)")
     _add_data_args(p, "checkpoint directory (a vanilla one is evaluated as the baseline)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generate call")
@@ -795,6 +710,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-skip-kv-cache", action="store_true", help="decode with the full cache (w/o SK ablation)")
     p.add_argument("--out", help="write predictions and scores as JSON (checked writable before the evaluation)")
     p.set_defaults(func=cmd_eval)
+
+
+def _add_flops(add: Callable[..., argparse.ArgumentParser]) -> None:
+    from ..flops import DEFAULT_TEXT_TOKENS, PAPER_SHAPES
 
     p = add("flops", help="analytic FLOPs of the paper's models, vanilla vs Skip-Vision")
     p.add_argument("--preset", required=True, choices=sorted(PAPER_SHAPES), help="model geometry")
@@ -813,38 +732,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=cmd_flops)
 
+
+def _add_bench(add: Callable[..., argparse.ArgumentParser]) -> None:
+    from .bench import BenchSettings
+    from .presets import MODEL_PRESETS
+
+    presets = sorted(MODEL_PRESETS)
     p = add("bench", help="latency/memory benchmark, vanilla vs Skip-Vision side by side (progress on stderr)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="a checkpoint directory (its own weights)")
     src.add_argument("--preset", default="tiny", choices=presets, help="a model preset with random weights")
-    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 4], help="batch sizes to measure")
-    p.add_argument(
-        "--tiles",
-        type=non_negative_int,
-        nargs="+",
-        default=[0],
-        help="anyres families: tile counts to measure (image sized to give them); 0 = no tiling",
-    )
-    p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32"], help="dtypes to measure")
-    p.add_argument("--new-tokens", type=positive_int, default=16, help="decode steps per generate / decode timing")
-    p.add_argument(
-        "--repeats",
-        type=positive_int,
-        default=3,
-        help="timed rounds, the variants interleaved in each (the median is reported)",
-    )
-    p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed warm-up repetitions")
-    p.add_argument("--no-train", action="store_true", help="skip the training-step timing")
-    p.add_argument(
-        "--freeze-tower", action="store_true", help="train step: the vision tower frozen (LLM + projector trained)"
-    )
-    p.add_argument(
-        "--image-size",
-        type=_int_at_least(MIN_IMAGE_SIZE),
-        default=336,
-        help="image side for dynamic-resolution towers (Qwen-VL)",
-    )
-    p.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    add_options(p, BenchSettings, device=None)
     p.add_argument("--out", help="write the rows as JSON")
     p.add_argument(
         "--count-ops",
@@ -864,6 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_skip_vision_args(p)
     p.set_defaults(func=cmd_bench)
 
+
+def _add_generate(add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("generate", help="answer a prompt about images with a saved model (vanilla or Skip-Vision)")
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--image", action="append", help="an image file (repeat for several images)")
@@ -873,14 +773,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-skip-kv-cache", action="store_true", help="decode with the full cache")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_demo(add: Callable[..., argparse.ArgumentParser]) -> None:
+    from .presets import MODEL_PRESETS
+
+    presets = sorted(MODEL_PRESETS)
     p = add("demo", help="end to end: data, train vanilla and Skip-Vision, evaluate, measure, report")
     p.add_argument("--out", default="./skipvision-demo", help="output folder (its runs are replaced)")
     p.add_argument("--preset", default="tiny", choices=presets, help="model preset (tiny-next: SV-LLaVA-HD style)")
     p.add_argument("--steps", type=positive_int, help="training steps per model (default: the preset's)")
-    p.add_argument("--n", type=_int_at_least(2), help="examples to generate (default 6000)")
+    p.add_argument("--n", type=int_at_least(2), help="examples to generate (default 6000)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_compare(add: Callable[..., argparse.ArgumentParser]) -> None:
+    from .compare import FULL_DEFAULTS, QUICK
+    from .presets import MODEL_PRESETS
+
+    presets = sorted(MODEL_PRESETS)
     full, fast = FULL_DEFAULTS, QUICK
     show = lambda key, f=str: f"(default: {f(full[key])}; --quick: {f(fast[key])})"  # noqa: E731
     budgets = lambda values: " ".join(f"{v:g}" for v in values)  # noqa: E731
@@ -906,7 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ablations", nargs="*", help="also Skip-Vision's ablations, fine-tuned (no names: all of them)")
     p.add_argument("--steps", type=positive_int, help=f"training steps per run {show('steps')}")
-    p.add_argument("--n", type=_int_at_least(2), help=f"examples of the embedded dataset {show('num_examples')}")
+    p.add_argument("--n", type=int_at_least(2), help=f"examples of the embedded dataset {show('num_examples')}")
     p.add_argument(
         "--eval-limit",
         type=non_negative_int,
@@ -920,11 +831,34 @@ def build_parser() -> argparse.ArgumentParser:
         "(the run lists what it leaves out); options given explicitly still apply",
     )
     p.set_defaults(func=cmd_compare)
+
+
+#: each command's parser, in the order ``--help`` lists them
+COMMANDS = (
+    _add_init_model,
+    _add_make_data,
+    _add_train,
+    _add_lmms_eval_task,
+    _add_eval,
+    _add_flops,
+    _add_bench,
+    _add_generate,
+    _add_demo,
+    _add_compare,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    fmt = _HelpFormatter
+    parser = _Parser(prog="skipvision", description=__doc__, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"skipvision {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = lambda name, **kw: sub.add_parser(name, formatter_class=fmt, **kw)  # noqa: E731
+    for add_command in COMMANDS:
+        add_command(add)
     return parser
-
-
-#: the smallest image side the CLI takes: below it a vision tower has no patches to speak of
-MIN_IMAGE_SIZE = 16
 
 
 def _budget(text: str) -> float:

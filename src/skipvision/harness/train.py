@@ -27,32 +27,43 @@ from ..config import SkipVisionConfig, vanilla_config
 from ..lora import LoraSettings, apply_lora, base_model, is_peft_model, load_adapter_weights
 from .data import LlavaCollator, LlavaJsonDataset, load_records
 from .evaluate import loading_checkpoint
+from .options import flag, option, positive_float, positive_int
 
 
 @dataclass
 class TrainConfig:
-    model: str  # a checkpoint directory of a supported family (vanilla or Skip-Vision) with its processor
-    data: str  # LLaVA JSON file
-    output_dir: str
+    """One fine-tuning run; each field with help text is also a ``skipvision train`` option (``options.py``)."""
+
+    model: str = option(help="checkpoint directory (vanilla or Skip-Vision) with its processor")
+    data: str = option(help="LLaVA-format JSON file")
+    output_dir: str = option(flag="--out", help="output folder of the run (checkpoints, final/, summary)")
     skip_vision: SkipVisionConfig | None = None  # None = vanilla LLaVA through the same code path
-    image_folder: str | None = None  # default: <data dir>/images
-    max_steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    learning_rate: float = 1e-3
+    image_folder: str | None = option(None, help="folder of the records' image paths (default: <data dir>/images)")
+    allow_outside_image_folder: bool = option(
+        False, help="let records read images outside the image folder (absolute paths, ../)"
+    )
+    overwrite: bool = option(False, help="replace whatever --out holds")
+    resume: bool = option(
+        False,
+        help="continue this run from its last checkpoint in --out; give the run's own settings again (a changed "
+        "setting is refused)",
+    )
+    max_steps: int = option(100, type=positive_int, help="optimizer steps")
+    batch_size: int = option(8, type=positive_int, help="per-device batch size")
+    grad_accum: int = option(1, type=positive_int, help="gradient accumulation steps")
+    learning_rate: float = option(1e-3, flag="--lr", type=positive_float, help="peak learning rate (cosine schedule)")
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
-    bf16: bool = False
-    seed: int = 0
-    save_steps: int = 50
+    bf16: bool = option(False, help="train in bf16 mixed precision")
+    seed: int = option(0, type=int, help="seed of the initialisation and the data order")
+    save_steps: int = option(50, type=positive_int, help="write a checkpoint every N steps")
     save_total_limit: int | None = 2
-    logging_steps: int = 10
-    max_length: int = 1024
-    freeze_vision_tower: bool = True
-    resume: bool = False
-    overwrite: bool = False  # replace whatever output_dir holds
-    skip_bad_records: bool = False
-    allow_outside_image_folder: bool = False
+    logging_steps: int = option(10, type=positive_int, help="log the loss every N steps")
+    max_length: int = option(1024, type=positive_int, help="longest tokenised conversation; longer are cut")
+    freeze_vision_tower: bool = option(
+        True, flag="--train-vision-tower", negate=True, help="also train the tower (default: frozen)"
+    )
+    skip_bad_records: bool = option(False, help="drop records that cannot be read, with a warning")
     lora: LoraSettings | None = None  # LoRA adapters on the language model (PEFT); None = full fine-tuning
     extra_args: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments (fsdp, deepspeed, ...)
 
@@ -84,25 +95,6 @@ def write_json_atomically(path: Path, data: Any) -> None:
 
 #: TrainConfig fields that do not change what a run computes: a resumed run may give other values
 NOT_RUN_SETTINGS = ("output_dir", "resume", "overwrite", "save_steps", "save_total_limit", "logging_steps")
-#: how the command line spells a setting, for messages
-OPTION_NAMES = {
-    "model": "--model",
-    "data": "--data",
-    "image_folder": "--image-folder",
-    "max_steps": "--max-steps",
-    "batch_size": "--batch-size",
-    "grad_accum": "--grad-accum",
-    "learning_rate": "--lr",
-    "bf16": "--bf16",
-    "seed": "--seed",
-    "max_length": "--max-length",
-    "freeze_vision_tower": "--train-vision-tower (off)",
-    "skip_bad_records": "--skip-bad-records",
-    "allow_outside_image_folder": "--allow-outside-image-folder",
-    "lora": "the LoRA settings",
-    "extra_args": "--training-args",
-    "skip_vision": "the Skip-Vision settings",
-}
 
 
 def run_settings(cfg: TrainConfig) -> dict[str, Any]:
@@ -113,6 +105,12 @@ def run_settings(cfg: TrainConfig) -> dict[str, Any]:
             settings[key] = str(Path(settings[key]).resolve())
     settings["skip_vision"] = cfg.skip_vision.to_dict() if cfg.skip_vision else None
     return json.loads(json.dumps(settings))  # tuples as lists, as read back from the manifest
+
+
+def _spelled(setting: str) -> str:
+    """How the command line spells a run setting, for messages."""
+    named = {"lora": "the LoRA settings", "extra_args": "--training-args", "skip_vision": "the Skip-Vision settings"}
+    return named.get(setting) or flag(TrainConfig, setting)
 
 
 def _differences(run: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -126,7 +124,7 @@ def _differences(run: dict[str, Any], now: dict[str, Any]) -> list[str]:
         elif key == "skip_vision":
             changes.append(f"Skip-Vision settings: {_describe(old)} -> {_describe(new)}")
         else:
-            changes.append(f"{OPTION_NAMES.get(key, key)}: {old!r} -> {new!r}")
+            changes.append(f"{_spelled(key)}: {old!r} -> {new!r}")
     return changes
 
 

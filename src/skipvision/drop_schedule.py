@@ -1,0 +1,63 @@
+"""A drop schedule (FastV, PyramidDrop): ``((layer, keep), ...)``, after decoder layer ``layer`` keep the fraction
+``keep`` of each sample's visual tokens. Its checks and its token counts, torch-free: ``config.py`` checks a schedule
+with them, the FLOPs model counts with them and ``llm_drop.py`` (the mechanism) drops by them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def check_schedule(schedule: Any, num_layers: int | None = None) -> tuple[tuple[int, float], ...]:
+    """The schedule as a tuple of ``(layer, keep)`` pairs, checked: layers increasing and before the last layer,
+    fractions in (0, 1] and non-increasing."""
+    if isinstance(schedule, (str, bytes)) or not hasattr(schedule, "__iter__"):
+        raise ValueError(f"llm_drop must be a list of (layer, keep_fraction) pairs, got {schedule!r}")
+    pairs = []
+    for entry in schedule:
+        if not hasattr(entry, "__len__") or len(entry) != 2:
+            raise ValueError(f"llm_drop entries are (layer, keep_fraction) pairs, got {entry!r}")
+        layer, keep = entry
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"llm_drop layer must be a non-negative int, got {layer!r}")
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+            raise ValueError(f"llm_drop keep fraction must be in (0, 1], got {keep!r}")
+        pairs.append((layer, float(keep)))
+    for (l0, k0), (l1, k1) in zip(pairs, pairs[1:]):
+        if l1 <= l0 or k1 > k0:
+            raise ValueError(
+                f"llm_drop stages must have increasing layers and non-increasing keep fractions, got {pairs}"
+            )
+    if num_layers is not None and pairs and pairs[-1][0] >= num_layers - 1:
+        raise ValueError(
+            f"llm_drop layer {pairs[-1][0]} leaves no later layer to save: the language model has {num_layers} "
+            f"layers, so drops go after layers 0..{num_layers - 2}"
+        )
+    return tuple(pairs)
+
+
+def kept_count(visual: int, keep: float) -> int:
+    """Visual tokens a sample with ``visual`` of them keeps at fraction ``keep`` (rounded; at least 1 if any)."""
+    return min(visual, max(1 if visual else 0, round(keep * visual)))
+
+
+def visual_per_layer(visual: int, schedule: tuple[tuple[int, float], ...], num_layers: int) -> list[int]:
+    """Visual tokens in each layer's input for a sample with ``visual`` of them (the FLOPs model's count)."""
+    counts, present = [], visual
+    stages = dict(schedule)
+    for layer in range(num_layers):
+        counts.append(present)
+        if layer in stages:
+            present = kept_count(visual, stages[layer])
+    return counts
+
+
+def check_without_skipping(
+    schedule: tuple[tuple[int, float], ...], skips: bool, skip_kv_cache: bool, skip_layers: Any
+) -> None:
+    """A schedule removes visual tokens inside the language model: it cannot run beside skipped tokens."""
+    if schedule and (skips or skip_kv_cache):
+        raise ValueError(
+            "llm_drop removes visual tokens inside the language model and cannot be combined with skipped "
+            "tokens: set skip_layers=() (or num_retained=None) and skip_kv_cache=False; got "
+            f"skip_layers={skip_layers}, skip_kv_cache={skip_kv_cache}"
+        )
