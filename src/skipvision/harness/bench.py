@@ -249,8 +249,8 @@ def measure_interleaved(
     quantities = ("prefill", "generate", "decode")
     results: dict[str, dict[str, Any]] = {name: {} for name in built}
 
-    def take(name: str, sampler: Sampler, memory_key: str) -> dict[str, float]:
-        model = built[name][0]
+    def logged(name: str, sampler: Sampler, memory_key: str, what: str) -> dict[str, float]:
+        model, start = built[name][0], time.perf_counter()
         # the other models stay on the device between rounds: not this model's memory
         others = torch.cuda.memory_allocated() - model_bytes(model) if cuda else 0
         if cuda:
@@ -259,11 +259,6 @@ def measure_interleaved(
         if cuda:
             peak = torch.cuda.max_memory_allocated() - others
             results[name][memory_key] = max(results[name].get(memory_key, 0), peak)
-        return sample
-
-    def logged(name: str, sampler: Sampler, memory_key: str, what: str) -> dict[str, float]:
-        start = time.perf_counter()
-        sample = take(name, sampler, memory_key)
         if log is not None:
             log(f"  {what} {name}: {time.perf_counter() - start:.1f} s")
         return sample

@@ -176,6 +176,67 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _train_variant(
+    base: Path, train_json: Path, output_dir: Path, cfg: SkipVisionConfig | None, steps: int, seed: int
+) -> dict[str, Any]:
+    summary = train(
+        TrainConfig(
+            model=str(base),
+            data=str(train_json),
+            output_dir=str(output_dir),
+            skip_vision=cfg,
+            max_steps=steps,
+            batch_size=BATCH_SIZE,
+            learning_rate=LEARNING_RATE,
+            seed=seed,
+            save_steps=max(steps // 2, 1),
+            logging_steps=max(steps // 10, 1),
+            overwrite=True,
+        )
+    )
+    return {
+        "train_seconds": summary["train_seconds"],
+        "train_step_seconds": summary["train_step_seconds"],
+        "final_loss": summary["losses"][-1] if summary["losses"] else None,
+        "checkpoint": summary["final"],
+    }
+
+
+def _evaluate_runs(
+    report: dict[str, Any], runs: dict[str, Any], test_json: Path, train_json: Path, image_size: int
+) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """Accuracy and FLOPs of each trained run into ``report``; returns each run's model and prefill inputs."""
+    built = {}
+    for name in runs:
+        final = Path(report[name]["checkpoint"])
+        print(f"[4/5] evaluating {name} on {test_json}")
+        result = evaluate(final, test_json)
+        report[name].update(accuracy=result["accuracy"], per_type=result["per_type"])
+        report[name].update(_train_flops(final, train_json))
+        model, inputs = _prefill_inputs(final, image_size)
+        report[name]["prefill_flops"] = measure.batch_flops(model, inputs)["prefill_language_model"]
+        built[name] = (model, inputs)
+    return built
+
+
+def _evaluate_peers(report: dict[str, Any], built: dict[str, Any], out: Path, test_json: Path, image_size: int) -> None:
+    """Each peer, training-free on the vanilla-trained model, into ``report["peers"]`` and ``built``."""
+    report["peers"] = {}
+    for name, cfg in demo_peers(built["vanilla"][0], built["skip_vision"][0]):
+        print(f"[4/5] evaluating peer {name} (training-free, on the vanilla-trained model)")
+        path = out / "runs" / f"peer-{name}"
+        save_atomically(*load_for_training(report["vanilla"]["checkpoint"], cfg), path)
+        result = evaluate(path, test_json)
+        model, inputs = _prefill_inputs(path, image_size)
+        report["peers"][name] = {
+            "accuracy": result["accuracy"],
+            "per_type": result["per_type"],
+            "config": cfg.to_dict(),
+            "prefill_flops": measure.batch_flops(model, inputs)["prefill_language_model"],
+        }
+        built[f"peer-{name}"] = (model, inputs)
+
+
 def demo(
     out: str | Path = "./skipvision-demo",
     preset: str = "tiny",
@@ -207,51 +268,9 @@ def demo(
     }
     for name, cfg in runs.items():
         print(f"[3/5] training {name}: {steps} steps, batch {BATCH_SIZE}")
-        summary = train(
-            TrainConfig(
-                model=str(base),
-                data=str(train_json),
-                output_dir=str(out / "runs" / name),
-                skip_vision=cfg,
-                max_steps=steps,
-                batch_size=BATCH_SIZE,
-                learning_rate=LEARNING_RATE,
-                seed=seed,
-                save_steps=max(steps // 2, 1),
-                logging_steps=max(steps // 10, 1),
-                overwrite=True,
-            )
-        )
-        report[name] = {
-            "train_seconds": summary["train_seconds"],
-            "train_step_seconds": summary["train_step_seconds"],
-            "final_loss": summary["losses"][-1] if summary["losses"] else None,
-            "checkpoint": summary["final"],
-        }
-    built = {}
-    for name in runs:
-        final = Path(report[name]["checkpoint"])
-        print(f"[4/5] evaluating {name} on {test_json}")
-        result = evaluate(final, test_json)
-        report[name].update(accuracy=result["accuracy"], per_type=result["per_type"])
-        report[name].update(_train_flops(final, train_json))
-        model, inputs = _prefill_inputs(final, spec.data_image_size)
-        report[name]["prefill_flops"] = measure.batch_flops(model, inputs)["prefill_language_model"]
-        built[name] = (model, inputs)
-    report["peers"] = {}
-    for name, cfg in demo_peers(built["vanilla"][0], built["skip_vision"][0]):
-        print(f"[4/5] evaluating peer {name} (training-free, on the vanilla-trained model)")
-        path = out / "runs" / f"peer-{name}"
-        save_atomically(*load_for_training(report["vanilla"]["checkpoint"], cfg), path)
-        result = evaluate(path, test_json)
-        model, inputs = _prefill_inputs(path, spec.data_image_size)
-        report["peers"][name] = {
-            "accuracy": result["accuracy"],
-            "per_type": result["per_type"],
-            "config": cfg.to_dict(),
-            "prefill_flops": measure.batch_flops(model, inputs)["prefill_language_model"],
-        }
-        built[f"peer-{name}"] = (model, inputs)
+        report[name] = _train_variant(base, train_json, out / "runs" / name, cfg, steps, seed)
+    built = _evaluate_runs(report, runs, test_json, train_json, spec.data_image_size)
+    _evaluate_peers(report, built, out, test_json, spec.data_image_size)
     print(f"[5/5] measuring {', '.join(built)} side by side: latency, KV cache")
     settings = BenchSettings(new_tokens=16, repeats=5, train=False, device="cpu")
     for name, timing in measure_interleaved(built, settings).items():

@@ -1,5 +1,7 @@
-"""Tiny LLaVA checkpoints built from configs (no downloads): a CLIP-style tower, a Llama text model, a BPE
-tokenizer with a chat template, and a processor, saved as a normal HF checkpoint directory."""
+"""Tiny checkpoints of every family built from configs (no downloads): the named presets (sizes and the
+Skip-Vision setting used with them), a BPE tokenizer with a chat template, and the model and processor, saved as a
+normal HF checkpoint directory. What differs per family (its HF config, processor and tower) is its tiny builder in
+``tiny_families.py``."""
 
 from __future__ import annotations
 
@@ -8,38 +10,11 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    LlavaNextProcessor,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-    LlavaOnevisionProcessor,
-    LlavaProcessor,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-    ProcessorMixin,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-    Qwen2Config,
-    Qwen3VLConfig,
-    Qwen3VLForConditionalGeneration,
-    Qwen3VLProcessor,
-    SiglipVisionConfig,
-)
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
 from ..api import save_processor
 from ..config import SkipVisionConfig
-from ..families.processor import image_only_processor
+from .tiny_families import QWEN_FAMILIES, tiny_builder
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 #: Qwen-VL wraps each image in these (its M-RoPE gives each run of image tokens one image's grid); added after the
@@ -71,9 +46,6 @@ def chat_template(image: str = "<image>") -> str:
     return CHAT_TEMPLATE.replace("{{ content }}", "{{ content | replace('<image>', '" + image + "') }}").replace(
         "<image>\n{% elif", image + "\n{% elif"
     )
-
-
-QWEN_FAMILIES = ("qwen2.5-vl", "qwen3-vl")
 
 
 @dataclass(frozen=True)
@@ -108,9 +80,12 @@ class ModelPreset:
     def visual_tokens(self) -> int:
         """Tokens of one tower pass (the base image; Qwen-VL: an image of ``image_size`` squared, after the 2x2
         merge)."""
-        if self.family in QWEN_FAMILIES:
-            return (self.image_size // (2 * self.patch_size)) ** 2
-        return (self.image_size // self.patch_size) ** 2
+        return (self.image_size // (self.token_merge * self.patch_size)) ** 2
+
+    @property
+    def token_merge(self) -> int:
+        """Patches merged into one visual token along each side (Qwen-VL's 2x2 merger: 2)."""
+        return tiny_builder(self.family).token_merge
 
     @property
     def pinpoints(self) -> list[list[int]]:
@@ -275,60 +250,7 @@ def tokenizer_corpus() -> list[str]:
 
 def build_processor(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast) -> ProcessorMixin:
     """The family's HF processor with its vanilla placeholder count."""
-    size = preset.image_size
-    common = dict(tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
-    if preset.family == "llava":
-        image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        return LlavaProcessor(
-            image_processor=image_processor,
-            patch_size=preset.patch_size,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            **common,
-        )
-    if preset.family == "llava-next":
-        image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": size},
-            crop_size={"height": size, "width": size},
-            image_grid_pinpoints=preset.pinpoints,
-        )
-        return LlavaNextProcessor(
-            image_processor=image_processor,
-            patch_size=preset.patch_size,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            **common,
-        )
-    if preset.family == "llava-onevision":
-        image_processor = LlavaOnevisionImageProcessorPil(
-            size={"height": size, "width": size},
-            image_grid_pinpoints=preset.pinpoints,
-        )
-        return image_only_processor(
-            LlavaOnevisionProcessor,
-            image_processor,
-            num_image_tokens=preset.visual_tokens,
-            vision_feature_select_strategy="full",
-            vision_aspect_ratio="anyres_max_9",
-            **common,
-        )
-    if preset.family in QWEN_FAMILIES:
-        image_processor = Qwen2VLImageProcessorPil(
-            patch_size=preset.patch_size,
-            merge_size=2,
-            temporal_patch_size=2,
-            size={"shortest_edge": (2 * preset.patch_size) ** 2, "longest_edge": size * size},
-        )
-        processor_class = Qwen2_5_VLProcessor if preset.family == "qwen2.5-vl" else Qwen3VLProcessor
-        return image_only_processor(processor_class, image_processor, tokenizer, chat_template=tokenizer.chat_template)
-    raise ValueError(f"no tiny builder for family {preset.family!r}")
-
-
-def _rope_sections(head_dim: int) -> list[int]:
-    """M-RoPE's (t, h, w) split of the rotary half-dimension, in Qwen-VL's proportions (16, 24, 24 of 64)."""
-    half = head_dim // 2
-    height = 3 * half // 8
-    return [half - 2 * height, height, height]
+    return tiny_builder(preset.family).processor(preset, tokenizer)
 
 
 def build_model(
@@ -360,36 +282,7 @@ def build_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    # CLIP + Llama, features from layer -2 without CLS: LLaVA-1.5's and LLaVA-NeXT's recipe
-    clip_llama = dict(
-        vision_config=CLIPVisionConfig(**vision_args),
-        text_config=LlamaConfig(**text_args),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-    )
-    if preset.family == "llava":
-        config = LlavaConfig(image_token_id=image_token_id, image_seq_length=preset.visual_tokens, **clip_llama)
-        model_class = LlavaForConditionalGeneration
-    elif preset.family == "llava-next":
-        config = LlavaNextConfig(image_token_index=image_token_id, image_grid_pinpoints=preset.pinpoints, **clip_llama)
-        model_class = LlavaNextForConditionalGeneration
-    elif preset.family == "llava-onevision":
-        config = LlavaOnevisionConfig(
-            vision_config=SiglipVisionConfig(**vision_args),
-            text_config=Qwen2Config(**text_args),
-            image_token_index=image_token_id,
-            video_token_index=tokenizer.unk_token_id,
-            vision_feature_select_strategy="full",
-            vision_feature_layer=-1,
-            image_grid_pinpoints=preset.pinpoints,
-            vision_aspect_ratio="anyres_max_9",
-        )
-        model_class = LlavaOnevisionForConditionalGeneration
-    elif preset.family in QWEN_FAMILIES:
-        config, model_class = _qwen_config(preset, tokenizer, text_args)
-    else:
-        raise ValueError(f"no tiny builder for family {preset.family!r}")
+    config, model_class = tiny_builder(preset.family).config(preset, tokenizer, vision_args, text_args)
     torch.manual_seed(seed)
     with torch.device(device or "cpu"):
         model = model_class(config)
@@ -401,42 +294,6 @@ def build_model(
     return model
 
 
-def _qwen_config(preset: ModelPreset, tokenizer: PreTrainedTokenizerFast, text_args: dict) -> tuple:
-    ids = {
-        "image_token_id": tokenizer.convert_tokens_to_ids("<image>"),
-        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-    }
-    head_dim = preset.text_hidden // preset.text_heads
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _rope_sections(head_dim)}
-    vision = dict(
-        depth=preset.vision_layers,
-        hidden_size=preset.vision_hidden,
-        intermediate_size=preset.vision_intermediate or 2 * preset.vision_hidden,
-        num_heads=preset.vision_heads or max(1, preset.vision_hidden // 32),
-        patch_size=preset.patch_size,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        out_hidden_size=preset.text_hidden,
-    )
-    text = dict(text_args, rope_parameters=rope)
-    if preset.family == "qwen2.5-vl":
-        # one window per image at the preset size: the tiny tower runs a few large attention calls, not dozens of
-        # 4x4-token ones whose call overhead would dominate its time
-        vision.update(
-            window_size=preset.vision_window or preset.image_size,
-            fullatt_block_indexes=list(preset.vision_full_attention or [preset.vision_layers - 1]),
-        )
-        config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
-        return config, Qwen2_5_VLForConditionalGeneration
-    side = preset.image_size // preset.patch_size
-    vision.update(num_position_embeddings=side * side, deepstack_visual_indexes=list(range(preset.vision_layers)))
-    text.update(head_dim=head_dim)
-    config = Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
-    return config, Qwen3VLForConditionalGeneration
-
-
 @torch.no_grad()
 def _informative_tower_init(model: PreTrainedModel, preset: ModelPreset) -> None:
     """Make the random tiny tower a usable (frozen) feature extractor.
@@ -445,14 +302,7 @@ def _informative_tower_init(model: PreTrainedModel, preset: ModelPreset) -> None
     tiny LLaVA cannot learn to read them in minutes. Three patch-embedding channels read each patch's mean colour,
     the other filters and the position embeddings get a larger scale.
     """
-    if preset.family in QWEN_FAMILIES:
-        # Qwen-VL: a Conv3d over (frames, p, p) patches; positions are rotary (Qwen2.5) or learned (Qwen3)
-        visual = model.model.visual
-        patch, position = visual.patch_embed.proj.weight, getattr(visual, "pos_embed", None)
-    else:
-        tower = model.model.vision_tower
-        embeddings = getattr(tower, "vision_model", tower).embeddings
-        patch, position = embeddings.patch_embedding.weight, embeddings.position_embedding
+    patch, position = tiny_builder(preset.family).tower_embeddings(model)
     pixels = patch[0, 0].numel()  # (hidden, 3, [frames,] p, p): the pixels one channel filter reads
     patch.normal_(0.0, 1.0 / (3 * pixels**0.5))
     patch[:3].zero_()

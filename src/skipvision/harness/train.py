@@ -443,10 +443,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     load_records(cfg.data)  # a missing or empty data file fails before the output folder is touched
     resume_from, finished = prepare_output_dir(cfg)
     if finished:
-        summary_file = Path(cfg.output_dir) / "train_summary.json"
-        steps = (read_manifest(Path(cfg.output_dir)) or {}).get("steps", cfg.max_steps)
-        print(f"the run in {cfg.output_dir} already finished (step {steps}, the same settings); nothing to do")
-        return {**json.loads(summary_file.read_text()), "already_finished": True}
+        return _finished_run(cfg)
     # the processor and the data before the model: a bad record fails in seconds, before the weights load
     skip_vision = cfg.skip_vision or vanilla_config()
     with loading_checkpoint(cfg.model):
@@ -466,9 +463,61 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         family_of(model).vision_tower(model).requires_grad_(False)
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora)
+    args = training_arguments(cfg, model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    timer = StepTimer()
+    trainer = SkipVisionTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
+        callbacks=[timer],
+    )
+    trainer.skip_vision_processor = processor
+    check_engine_request(trainer, cfg.extra_args)
+    if not cfg.resume:  # everything loaded and checked: only now is the output folder emptied and claimed
+        claim_output_dir(cfg)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - start
+    final = save_final(cfg, trainer, processor)
+    in_sync, checksum = check_ranks_in_sync(trainer, model, final)
+    steady = timer.durations[2:] or timer.durations
+    summary = {
+        "final": str(final),
+        "train_seconds": seconds,
+        "train_step_seconds": statistics.median(steady) if steady else None,
+        "steps": trainer.state.global_step,
+        "resumed_from": resume_from,
+        "train_loss": result.training_loss,
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "world_size": args.world_size,
+        "engine": _engine(trainer),
+        "ranks_in_sync": in_sync,
+        "params_checksum": checksum,
+        "trainable_parameters": trainable,
+        "config": {**asdict(cfg), "skip_vision": cfg.skip_vision.to_dict() if cfg.skip_vision else None},
+    }
+    if args.should_save:
+        (Path(cfg.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        manifest = read_manifest(Path(cfg.output_dir)) or {}
+        _write_manifest(Path(cfg.output_dir), {**manifest, "finished": True, "steps": trainer.state.global_step})
+    return summary
+
+
+def _finished_run(cfg: TrainConfig) -> dict[str, Any]:
+    summary_file = Path(cfg.output_dir) / "train_summary.json"
+    steps = (read_manifest(Path(cfg.output_dir)) or {}).get("steps", cfg.max_steps)
+    print(f"the run in {cfg.output_dir} already finished (step {steps}, the same settings); nothing to do")
+    return {**json.loads(summary_file.read_text()), "already_finished": True}
+
+
+def training_arguments(cfg: TrainConfig, model: Any) -> TrainingArguments:
+    """HF ``TrainingArguments`` of a run: its settings, the cosine schedule, and the FSDP wrap classes of the
+    model's family (any ``extra_args`` on top)."""
     unwrapped = base_model(model)
     extra_args = with_fsdp_wrap_classes(cfg.extra_args, family_of(unwrapped).block_class_names(unwrapped))
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=cfg.output_dir,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
@@ -492,64 +541,33 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         dataloader_num_workers=0,
         **extra_args,
     )
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    timer = StepTimer()
-    trainer = SkipVisionTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
-        callbacks=[timer],
-    )
-    trainer.skip_vision_processor = processor
-    check_engine_request(trainer, cfg.extra_args)
-    if not cfg.resume:  # everything loaded and checked: only now is the output folder emptied and claimed
-        claim_output_dir(cfg)
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    seconds = time.perf_counter() - start
 
+
+def save_final(cfg: TrainConfig, trainer: Trainer, processor: Any) -> Path:
+    """Save the trained model as ``<output_dir>/final`` (with LoRA: the adapter, and the merged model in final/)."""
     final = Path(cfg.output_dir) / "final"
     if cfg.lora is not None:
         # the adapter as Trainer saves it (gathered under any engine), merged onto a fresh base on the main
         # process: the final model loads and evaluates like any checkpoint
         adapter = Path(cfg.output_dir) / "final_adapter"
         save_with_trainer(trainer, adapter, None)
-        if args.should_save:
+        if trainer.args.should_save:
             save_atomically(merge_saved_adapter(cfg.model, cfg.skip_vision, adapter), processor, final)
     else:
         save_with_trainer(trainer, final, processor)
+    return final
 
+
+def check_ranks_in_sync(trainer: Trainer, model: Any, final: Path) -> tuple[bool | None, float | None]:
+    """``(ranks in sync, parameter checksum)`` after training; raises when data-parallel replicas differ."""
+    args = trainer.args
     if is_sharded(trainer):
         # one sharded copy: no replicas to compare; the checksum is that of the gathered final weights
-        in_sync, checksum = None, checkpoint_checksum(final) if args.should_save else None
-    else:
-        checksum = params_checksum(model)
-        in_sync = True
-        if args.world_size > 1:
-            sums = [None] * args.world_size
-            torch.distributed.all_gather_object(sums, checksum)
-            in_sync = all(abs(s - sums[0]) <= 1e-6 * max(1.0, abs(sums[0])) for s in sums)
-            if not in_sync:
-                raise RuntimeError(f"ranks out of sync after training: parameter checksums {sums}")
-    steady = timer.durations[2:] or timer.durations
-    summary = {
-        "final": str(final),
-        "train_seconds": seconds,
-        "train_step_seconds": statistics.median(steady) if steady else None,
-        "steps": trainer.state.global_step,
-        "resumed_from": resume_from,
-        "train_loss": result.training_loss,
-        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
-        "world_size": args.world_size,
-        "engine": _engine(trainer),
-        "ranks_in_sync": in_sync,
-        "params_checksum": checksum,
-        "trainable_parameters": trainable,
-        "config": {**asdict(cfg), "skip_vision": cfg.skip_vision.to_dict() if cfg.skip_vision else None},
-    }
-    if args.should_save:
-        (Path(cfg.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=1))
-        manifest = read_manifest(Path(cfg.output_dir)) or {}
-        _write_manifest(Path(cfg.output_dir), {**manifest, "finished": True, "steps": trainer.state.global_step})
-    return summary
+        return None, checkpoint_checksum(final) if args.should_save else None
+    checksum = params_checksum(model)
+    if args.world_size > 1:
+        sums = [None] * args.world_size
+        torch.distributed.all_gather_object(sums, checksum)
+        if not all(abs(s - sums[0]) <= 1e-6 * max(1.0, abs(sums[0])) for s in sums):
+            raise RuntimeError(f"ranks out of sync after training: parameter checksums {sums}")
+    return True, checksum
