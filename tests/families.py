@@ -53,6 +53,17 @@ FAMILIES = {
         SkipVisionConfig(num_retained=16, num_skipped=20, selection="position"),
         [(112, 112), (100, 60), (56, 50)],
     ),
+    # test_llava.py's configurations, folded in: no merge and no summaries, Skip-FFN in a subset of the layers
+    "llava-no-merge": (
+        replace(MODEL_PRESETS["tiny"], **TEST_SIZES),
+        SkipVisionConfig(num_retained=5, num_skipped=11, selection="position", merge="none", summary_tokens=False),
+        [(56, 56), (80, 40), (60, 60)],
+    ),
+    "llava-layer-subset": (
+        replace(MODEL_PRESETS["tiny"], **TEST_SIZES),
+        SkipVisionConfig(num_retained=4, num_skipped=6, skip_layers=(0, 2)),
+        [(56, 56), (80, 40), (60, 60)],
+    ),
     "llava-inplace": (
         replace(MODEL_PRESETS["tiny"], **TEST_SIZES),
         SkipVisionConfig(0.25, layout="inplace", merge="none", summary_tokens=False, selection="grid"),

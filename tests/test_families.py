@@ -10,7 +10,7 @@ import torch
 from families import FAMILIES, batch, pair, vanilla_model
 
 import skipvision
-from skipvision import SkipVisionConfig
+from skipvision import SkipVisionConfig, skip_kv
 
 NAMES = list(FAMILIES)
 LAYOUT = [(1, " what color is it?"), (1, "a b"), (0, "text only sample here"), (2, " compare")]
@@ -37,11 +37,12 @@ def _skipped(model, inputs):
 
 @contextlib.contextmanager
 def _plain_layers(model, gate=None):
-    """Every decoder layer runs its HF forward (Skip-FFN off); with ``gate`` (batch, seq, 1) the FFN output is
-    multiplied by it: the single-stream reference of Skip-FFN."""
+    """Every decoder layer runs its HF forward (Skip-FFN off); with ``gate`` (batch, seq, 1) the FFN output of each
+    skipping layer (``skip_layers``) is multiplied by it: the single-stream reference of Skip-FFN."""
     layers = skipvision.family_of(model).decoder_layers(model)
     before = [layer.skip_ffn for layer in layers]
-    hooks = [] if gate is None else [layer.mlp.register_forward_hook(lambda _m, _i, o: o * gate) for layer in layers]
+    gated = [] if gate is None else [layer for layer in layers if layer.skip_ffn]
+    hooks = [layer.mlp.register_forward_hook(lambda _m, _i, o: o * gate) for layer in gated]
     for layer in layers:
         layer.skip_ffn = False
     try:
@@ -141,7 +142,8 @@ def test_bf16_autocast_training_step_equals_gated_reference(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_mlp_runs_on_non_skipped_rows_only(name):
-    """The FFN runs on exactly the tokens that are neither skipped nor padding (the batch is left-padded)."""
+    """The FFN of a skipping layer runs on exactly the tokens that are neither skipped nor padding (the batch is
+    left-padded)."""
     _, model = pair(name)
     inputs = _inputs(name, model, model.skip_vision_config)
     images = _image_inputs(inputs)
@@ -155,7 +157,10 @@ def test_mlp_runs_on_non_skipped_rows_only(name):
         h.remove()
     padding = inputs["attention_mask"] == 0
     assert bool(padding.any()) and not bool((padding & skipped).any())
-    assert rows == [inputs["input_ids"].numel() - int(skipped.sum()) - int(padding.sum())] * len(layers)
+    # a layer outside skip_layers runs its HF forward: the FFN over every row
+    total = inputs["input_ids"].numel()
+    kept = total - int(skipped.sum()) - int(padding.sum())
+    assert rows == [kept if layer.skip_ffn else total for layer in layers]
     # the public mask from per-image visual token counts marks the same tokens
     cfg = model.skip_vision_config
     if cfg.in_place:
@@ -217,10 +222,10 @@ def test_generate_equals_masked_full_forward(name, layout, skip_kv):
     cache = out.past_key_values
     length = inputs["input_ids"].shape[1]
     if skip_kv:
-        state = skipvision.skip_kv_state(cache)
+        state = skip_kv.skip_kv_state(cache)
         expected = (inputs["attention_mask"].sum(1) - prompt_skipped.sum(1)).tolist()  # padding is pruned too
         assert state.slot_valid.sum(1).tolist() == expected
-        assert skipvision.cache_slots(cache) == max(expected) + NEW_TOKENS - 1
+        assert skip_kv.cache_slots(cache) == max(expected) + NEW_TOKENS - 1
         assert cache.get_seq_length() == length + NEW_TOKENS - 1  # generate sees tokens in full coordinates
         unmasked = _masked_full_forward(model, out.sequences, inputs, prompt_skipped, False, prompt_positions)
         assert (generated[:, 1:] - unmasked[:, 1:]).abs().max() > 1e-4  # the pruning matters
@@ -373,7 +378,7 @@ def test_first_decode_positions_equal_vanilla(name):
         assert torch.equal(got[0, :, 0], inputs["attention_mask"].sum(-1))
     # a direct forward without position ids on the pruned cache lands on the same positions
     out = model(**inputs, use_cache=True)
-    assert skipvision.skip_kv_state(out.past_key_values) is not None
+    assert skip_kv.skip_kv_state(out.past_key_values) is not None
     step = out.logits[:, -1:].argmax(-1)
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(step)], dim=1)
     seen = []

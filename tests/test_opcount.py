@@ -12,6 +12,7 @@ import torch
 from families import FAMILIES, images, pair, processor
 
 import skipvision
+from skipvision import skip_kv
 from skipvision.harness.opcount import count_model_ops, count_ops
 
 TEXTS = [" what color is it?", "a b", " is the shape on the left", " compare"]
@@ -82,7 +83,7 @@ def test_pruning_costs_a_gather_per_tensor_and_layer():
             dropped[1, 7] = True
         kept = (~dropped).sum(1).tolist()
         with count_ops() as pruning:
-            skipvision.prune_skipped_kv(cache, dropped, kept)
+            skip_kv.prune_skipped_kv(cache, dropped, kept)
         per_layer = 2 if equal else 4
         assert pruning.syncs == 0
         assert pruning.by_op["aten::gather"] == 2 * layers

@@ -1,4 +1,8 @@
-"""skipvision: Skip-Vision (arXiv 2503.21817) for HF vision-language models."""
+"""skipvision: Skip-Vision (arXiv 2503.21817) for HF vision-language models.
+
+Public names: the loaders and ``convert`` (``api.py``), the one config object, the families' model classes, the
+method's pieces (merge, summary scorer, skipped mask) and the peer methods. Cache internals stay in their modules
+(``skipvision.skip_kv``); the harness (benchmarks, comparison, demo, CLI) is ``skipvision.harness``."""
 
 from .api import (
     checkpoint_skip_vision,
@@ -20,17 +24,17 @@ from .families.qwen2_5_vl import SkipVisionQwen2_5_VLForConditionalGeneration
 from .families.qwen3_vl import SkipVisionQwen3VLForConditionalGeneration
 from .merge import bipartite_merge
 from .model import SkipVisionMixin
+from .peers import PEERS, fastv, pyramid_drop, token_drop, tome, visionzip
 from .placeholders import skipped_token_mask
-from .skip_kv import SkipKVState, cache_slots, prune_skipped_kv, skip_kv_state
 from .summary import SummaryScorer
 
 __version__ = "0.2.0"
 
 __all__ = [
     "FAMILIES",
+    "PEERS",
     "Family",
     "ImageLayout",
-    "SkipKVState",
     "SkipVisionConfig",
     "SkipVisionLlavaForConditionalGeneration",
     "SkipVisionLlavaNextForConditionalGeneration",
@@ -44,15 +48,17 @@ __all__ = [
     "configure_processor",
     "convert",
     "family_of",
+    "fastv",
     "from_pretrained",
     "in_place_config",
     "load_processor",
     "num_image_tokens",
-    "cache_slots",
-    "prune_skipped_kv",
+    "pyramid_drop",
     "save_processor",
-    "skip_kv_state",
     "skipped_token_mask",
+    "token_drop",
+    "tome",
     "vanilla_config",
     "vision_facts",
+    "visionzip",
 ]

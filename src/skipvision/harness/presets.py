@@ -5,7 +5,7 @@ normal HF checkpoint directory. What differs per family (its HF config, processo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixi
 
 from ..api import save_processor
 from ..config import SkipVisionConfig
-from .tiny_families import QWEN_FAMILIES, tiny_builder
+from .tiny_families import QWEN_FAMILIES, ModelPreset, tiny_builder
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 #: Qwen-VL wraps each image in these (its M-RoPE gives each run of image tokens one image's grid); added after the
@@ -46,50 +46,6 @@ def chat_template(image: str = "<image>") -> str:
     return CHAT_TEMPLATE.replace("{{ content }}", "{{ content | replace('<image>', '" + image + "') }}").replace(
         "<image>\n{% elif", image + "\n{% elif"
     )
-
-
-@dataclass(frozen=True)
-class ModelPreset:
-    """Sizes of a tiny model of one family and the Skip-Vision setting used with it.
-
-    ``image_size`` is the tower's input (the base image for anyres families); ``grid`` lists the anyres tile
-    grids (rows, cols) the processor may pick, and ``data_image_size`` the scene size the demo renders.
-    """
-
-    family: str
-    image_size: int
-    patch_size: int
-    vision_hidden: int
-    vision_layers: int
-    text_hidden: int
-    text_intermediate: int
-    text_layers: int
-    text_heads: int
-    text_kv_heads: int
-    skip_vision: SkipVisionConfig
-    grid: tuple[tuple[int, int], ...] = ()
-    data_image_size: int = 168
-    # exact geometry of a real checkpoint (the paper-size presets); None: derived from the sizes above
-    vision_heads: int | None = None
-    vision_intermediate: int | None = None
-    vocab_size: int | None = None
-    vision_window: int | None = None  # Qwen2.5-VL's windowed attention, in pixels
-    vision_full_attention: tuple[int, ...] | None = None  # Qwen2.5-VL's full-attention blocks
-
-    @property
-    def visual_tokens(self) -> int:
-        """Tokens of one tower pass (the base image; Qwen-VL: an image of ``image_size`` squared, after the 2x2
-        merge)."""
-        return (self.image_size // (self.token_merge * self.patch_size)) ** 2
-
-    @property
-    def token_merge(self) -> int:
-        """Patches merged into one visual token along each side (Qwen-VL's 2x2 merger: 2)."""
-        return tiny_builder(self.family).token_merge
-
-    @property
-    def pinpoints(self) -> list[list[int]]:
-        return [[r * self.image_size, c * self.image_size] for r, c in self.grid]
 
 
 # anyres grids giving 1, 2, 4 and 8 tiles (and their transposes)

@@ -1,11 +1,13 @@
-"""How each family builds a tiny model, as transformers' ``ModelTester`` classes keep each model's tiny config: one
-builder per family (its HF config and model class, its processor, its tower's embeddings) and the mapping of family
-names to builders in one place, :data:`TINY_BUILDERS`. ``presets.py`` holds the sizes and calls these.
+"""The sizes of a tiny model (:class:`ModelPreset`) and how each family builds one, as transformers'
+``ModelTester`` classes keep each model's tiny config: one builder per family (its HF config and model class, its
+processor, its tower's embeddings) and the mapping of family names to builders in one place, :data:`TINY_BUILDERS`.
+``presets.py`` names the presets and builds the tokenizer.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from transformers import (
@@ -38,12 +40,54 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from ..config import SkipVisionConfig
 from ..families.processor import image_only_processor
 
-if TYPE_CHECKING:
-    from .presets import ModelPreset
-
 QWEN_FAMILIES = ("qwen2.5-vl", "qwen3-vl")
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """Sizes of a tiny model of one family and the Skip-Vision setting used with it.
+
+    ``image_size`` is the tower's input (the base image for anyres families); ``grid`` lists the anyres tile
+    grids (rows, cols) the processor may pick, and ``data_image_size`` the scene size the demo renders.
+    """
+
+    family: str
+    image_size: int
+    patch_size: int
+    vision_hidden: int
+    vision_layers: int
+    text_hidden: int
+    text_intermediate: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    skip_vision: SkipVisionConfig
+    grid: tuple[tuple[int, int], ...] = ()
+    data_image_size: int = 168
+    # exact geometry of a real checkpoint (the paper-size presets); None: derived from the sizes above
+    vision_heads: int | None = None
+    vision_intermediate: int | None = None
+    vocab_size: int | None = None
+    vision_window: int | None = None  # Qwen2.5-VL's windowed attention, in pixels
+    vision_full_attention: tuple[int, ...] | None = None  # Qwen2.5-VL's full-attention blocks
+
+    @property
+    def visual_tokens(self) -> int:
+        """Tokens of one tower pass (the base image; Qwen-VL: an image of ``image_size`` squared, after the 2x2
+        merge)."""
+        return (self.image_size // (self.token_merge * self.patch_size)) ** 2
+
+    @property
+    def token_merge(self) -> int:
+        """Patches merged into one visual token along each side (Qwen-VL's 2x2 merger: 2)."""
+        return tiny_builder(self.family).token_merge
+
+    @property
+    def pinpoints(self) -> list[list[int]]:
+        return [[r * self.image_size, c * self.image_size] for r, c in self.grid]
 
 
 class TinyBuilder:
