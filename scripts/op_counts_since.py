@@ -84,7 +84,11 @@ def main() -> None:
         old_tree = Path(tmp) / "old"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(old_tree), base], check=True)
         try:
-            shutil.copy(ROOT / "src/skipvision/opcount.py", old_tree / "src/skipvision/opcount.py")
+            # today's counter in the old tree (where harness/ may not exist yet: it came with the layout of issue 21)
+            harness = old_tree / "src/skipvision/harness"
+            harness.mkdir(exist_ok=True)
+            (harness / "__init__.py").touch(exist_ok=True)
+            shutil.copy(ROOT / "src/skipvision/harness/opcount.py", harness / "opcount.py")
             before = counts(old_tree)
             before_slope = counts(old_tree, SLOPE, ())
         finally:
