@@ -112,6 +112,20 @@ class TinyBuilder:
         return embeddings.patch_embedding.weight, embeddings.position_embedding
 
     @staticmethod
+    def clip_processor(
+        processor_class: type, image_processor: Any, preset: ModelPreset, tokenizer: PreTrainedTokenizerFast
+    ) -> ProcessorMixin:
+        """A LLaVA-style processor over a CLIP tower whose features drop the CLS token."""
+        return processor_class(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=tokenizer.chat_template,
+            patch_size=preset.patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
+
+    @staticmethod
     def clip_llama(vision_args: dict, text_args: dict) -> dict[str, Any]:
         return dict(
             vision_config=CLIPVisionConfig(**vision_args),
@@ -134,14 +148,7 @@ class TinyLlava(TinyBuilder):
     def processor(self, preset, tokenizer):
         size = preset.image_size
         image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        return LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            chat_template=tokenizer.chat_template,
-            patch_size=preset.patch_size,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-        )
+        return self.clip_processor(LlavaProcessor, image_processor, preset, tokenizer)
 
 
 class TinyLlavaNext(TinyBuilder):
@@ -160,14 +167,7 @@ class TinyLlavaNext(TinyBuilder):
             crop_size={"height": size, "width": size},
             image_grid_pinpoints=preset.pinpoints,
         )
-        return LlavaNextProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            chat_template=tokenizer.chat_template,
-            patch_size=preset.patch_size,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-        )
+        return self.clip_processor(LlavaNextProcessor, image_processor, preset, tokenizer)
 
 
 class TinyLlavaOnevision(TinyBuilder):

@@ -512,26 +512,32 @@ def _finished_run(cfg: TrainConfig) -> dict[str, Any]:
     return {**json.loads(summary_file.read_text()), "already_finished": True}
 
 
+#: the TrainConfig fields HF's ``TrainingArguments`` takes, and the names it takes them by
+TRAINING_ARGUMENT_NAMES = {
+    "output_dir": "output_dir",
+    "max_steps": "max_steps",
+    "batch_size": "per_device_train_batch_size",
+    "grad_accum": "gradient_accumulation_steps",
+    "learning_rate": "learning_rate",
+    "warmup_ratio": "warmup_steps",  # a float below 1 is a ratio of the steps there
+    "weight_decay": "weight_decay",
+    "bf16": "bf16",
+    "seed": "seed",
+    "save_steps": "save_steps",
+    "save_total_limit": "save_total_limit",
+    "logging_steps": "logging_steps",
+}
+
+
 def training_arguments(cfg: TrainConfig, model: Any) -> TrainingArguments:
     """HF ``TrainingArguments`` of a run: its settings, the cosine schedule, and the FSDP wrap classes of the
     model's family (any ``extra_args`` on top)."""
     unwrapped = base_model(model)
     extra_args = with_fsdp_wrap_classes(cfg.extra_args, family_of(unwrapped).block_class_names(unwrapped))
     return TrainingArguments(
-        output_dir=cfg.output_dir,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
+        **{hf_name: getattr(cfg, name) for name, hf_name in TRAINING_ARGUMENT_NAMES.items()},
         lr_scheduler_type="cosine",
-        warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
-        bf16=cfg.bf16,
-        seed=cfg.seed,
         data_seed=cfg.seed,
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps,
         report_to="none",
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
