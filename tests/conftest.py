@@ -19,11 +19,11 @@ VOCAB = 96
 IMAGE_SIZE, PATCH = 32, 4  # 64 visual tokens per image
 
 
-def llava_config(num_layers: int = 3, attn: str = "sdpa") -> LlavaConfig:
+def llava_config(num_layers: int = 3, attn: str = "sdpa", vision_layers: int = 2) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=vision_layers,
         num_attention_heads=2,
         image_size=IMAGE_SIZE,
         patch_size=PATCH,

@@ -8,7 +8,7 @@ import torch
 from conftest import pair, prompts
 
 import skipvision
-from skipvision import skip_kv
+from skipvision.skip_kv import skip_kv_state
 
 CFG = skipvision.SkipVisionConfig(8, 8, train_mask="answer_blind")
 ANSWER = 3
@@ -35,7 +35,7 @@ def test_training_logits_equal_cached_decoding_under_skip_kv():
             position_ids=positions[:, :-ANSWER],
             use_cache=True,
         )
-        assert skip_kv.skip_kv_state(prompt.past_key_values) is not None
+        assert skip_kv_state(prompt.past_key_values) is not None
         answer = model(
             input_ids=ids[:, -ANSWER:],
             attention_mask=mask,

@@ -10,7 +10,8 @@ import torch
 from families import FAMILIES, batch, pair, vanilla_model
 
 import skipvision
-from skipvision import SkipVisionConfig, skip_kv
+from skipvision import SkipVisionConfig
+from skipvision.skip_kv import cache_slots, skip_kv_state
 
 NAMES = list(FAMILIES)
 LAYOUT = [(1, " what color is it?"), (1, "a b"), (0, "text only sample here"), (2, " compare")]
@@ -222,10 +223,10 @@ def test_generate_equals_masked_full_forward(name, layout, skip_kv):
     cache = out.past_key_values
     length = inputs["input_ids"].shape[1]
     if skip_kv:
-        state = skip_kv.skip_kv_state(cache)
+        state = skip_kv_state(cache)
         expected = (inputs["attention_mask"].sum(1) - prompt_skipped.sum(1)).tolist()  # padding is pruned too
         assert state.slot_valid.sum(1).tolist() == expected
-        assert skip_kv.cache_slots(cache) == max(expected) + NEW_TOKENS - 1
+        assert cache_slots(cache) == max(expected) + NEW_TOKENS - 1
         assert cache.get_seq_length() == length + NEW_TOKENS - 1  # generate sees tokens in full coordinates
         unmasked = _masked_full_forward(model, out.sequences, inputs, prompt_skipped, False, prompt_positions)
         assert (generated[:, 1:] - unmasked[:, 1:]).abs().max() > 1e-4  # the pruning matters
@@ -378,7 +379,7 @@ def test_first_decode_positions_equal_vanilla(name):
         assert torch.equal(got[0, :, 0], inputs["attention_mask"].sum(-1))
     # a direct forward without position ids on the pruned cache lands on the same positions
     out = model(**inputs, use_cache=True)
-    assert skip_kv.skip_kv_state(out.past_key_values) is not None
+    assert skip_kv_state(out.past_key_values) is not None
     step = out.logits[:, -1:].argmax(-1)
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(step)], dim=1)
     seen = []

@@ -16,7 +16,8 @@ from test_skip_kv import CFG, masked_full_forward
 from transformers import AutoModelForImageTextToText, CompileConfig, LlavaForConditionalGeneration, StaticCache
 
 import skipvision
-from skipvision import SkipVisionConfig, skip_kv
+from skipvision import SkipVisionConfig
+from skipvision.skip_kv import cache_slots, skip_kv_state
 
 GREEDY = dict(do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID, EOS_ID])
 
@@ -66,9 +67,9 @@ def test_crop_into_a_pruned_prompt():
     cache = out.past_key_values
     prompt = ids.shape[1]
     assert cache.get_seq_length() == prompt
-    slots = skip_kv.cache_slots(cache)
+    slots = cache_slots(cache)
     cache.crop(-2)  # two trailing text tokens of the prompt
-    assert cache.get_seq_length() == prompt - 2 and skip_kv.cache_slots(cache) == slots - 2
+    assert cache.get_seq_length() == prompt - 2 and cache_slots(cache) == slots - 2
     # decoding on from the cropped cache equals a prefill of the shorter prompt, pruned the same way
     ref = model(input_ids=ids[:, :-2], attention_mask=mask[:, :-2], pixel_values=pixels, use_cache=True)
     step = dict(input_ids=ids[:, -2:-1], attention_mask=mask[:, :-1])
@@ -107,8 +108,8 @@ def test_static_cache_equals_dynamic_cache():
     assert (torch.stack(static.logits) - torch.stack(dynamic.logits)).abs().max() <= 1e-5
     reference = masked_full_forward(model, dynamic.sequences, mask, pixels, ids.shape[1], skip_kv=True)
     assert (torch.stack(static.logits, dim=1) - reference).abs().max() <= 1e-5
-    state = skip_kv.skip_kv_state(static.past_key_values)
-    assert skip_kv.cache_slots(static.past_key_values) == state.num_slots + 5  # compacted, then 5 decode steps
+    state = skip_kv_state(static.past_key_values)
+    assert cache_slots(static.past_key_values) == state.num_slots + 5  # compacted, then 5 decode steps
     assert int(static.past_key_values.get_seq_length()) == ids.shape[1] + 5
     # the static cache shrank to the pruned prompt plus the room for new tokens: a decode step reads only that
     full = static.past_key_values.layers[0].skip_vision_full_max_cache_len
@@ -120,7 +121,7 @@ def test_static_cache_equals_dynamic_cache():
     inputs.update(input_ids=ids, attention_mask=mask, pixel_values=pixels)
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 6)
     first = model.generate(**inputs, past_key_values=cache)
-    state = skip_kv.skip_kv_state(cache)
+    state = skip_kv_state(cache)
     assert state.num_slots < ids.shape[1] and cache.layers[0].keys.shape[2] == state.num_slots + 6
     cache.reset()
     again = model.generate(**inputs, past_key_values=cache)

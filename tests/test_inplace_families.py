@@ -11,7 +11,8 @@ import torch
 import transformers as hf
 
 import skipvision
-from skipvision import SkipVisionConfig, skip_kv
+from skipvision import SkipVisionConfig
+from skipvision.skip_kv import skip_kv_state
 
 TEXT = dict(
     vocab_size=1024, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -102,7 +103,7 @@ def test_in_place_family_invariants(name, tmp_path):
     ref = model(input_ids=sequences, attention_mask=allowed[:, None], position_ids=positions, use_cache=False, **images)
     generated = torch.stack(out.logits, dim=1)
     assert (generated - ref.logits[:, prompt - 1 : total - 1]).abs().max() <= 1e-5
-    state = skip_kv.skip_kv_state(out.past_key_values)
+    state = skip_kv_state(out.past_key_values)
     assert state.slot_valid.sum(1).tolist() == (inputs["attention_mask"].sum(1) - skipped.sum(1)).tolist()
     # a saved checkpoint loads back as the same Skip-Vision class
     model.save_pretrained(tmp_path)

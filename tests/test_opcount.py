@@ -12,8 +12,8 @@ import torch
 from families import FAMILIES, images, pair, processor
 
 import skipvision
-from skipvision import skip_kv
 from skipvision.harness.opcount import count_model_ops, count_ops
+from skipvision.skip_kv import prune_skipped_kv
 
 TEXTS = [" what color is it?", "a b", " is the shape on the left", " compare"]
 NAMES = [
@@ -83,7 +83,7 @@ def test_pruning_costs_a_gather_per_tensor_and_layer():
             dropped[1, 7] = True
         kept = (~dropped).sum(1).tolist()
         with count_ops() as pruning:
-            skip_kv.prune_skipped_kv(cache, dropped, kept)
+            prune_skipped_kv(cache, dropped, kept)
         per_layer = 2 if equal else 4
         assert pruning.syncs == 0
         assert pruning.by_op["aten::gather"] == 2 * layers

@@ -8,9 +8,9 @@ from conftest import IMAGE_TOKEN_ID, pair, prompts
 
 import skipvision
 from skipvision import flops as F
-from skipvision import skip_kv
 from skipvision.harness import measure
 from skipvision.peers import token_drop, tome, visionzip
+from skipvision.skip_kv import skip_kv_state
 
 
 def _visual_tokens(model) -> int:
@@ -55,7 +55,7 @@ def test_budget_tokens_run_full_blocks_and_flops_match(cfg):
     for h in hooks:
         h.remove()
     assert rows == [ids.numel()] * len(layers)
-    assert skip_kv.skip_kv_state(out.past_key_values) is None
+    assert skip_kv_state(out.past_key_values) is None
     # the analytic FLOPs of the shortened sequence are what FlopCounterMode counts
     total, _ = measure.measured_flops(lambda: model(input_ids=ids, pixel_values=pixels))
     shape = skipvision.family_of(model).model_shape(model.config)

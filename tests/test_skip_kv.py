@@ -7,7 +7,8 @@ import torch
 from conftest import EOS_ID, IMAGE_TOKEN_ID, pair, prompts
 
 import skipvision
-from skipvision import SkipVisionConfig, skip_kv
+from skipvision import SkipVisionConfig
+from skipvision.skip_kv import cache_slots, prune_skipped_kv, skip_kv_state
 
 CFG = SkipVisionConfig(num_retained=16, num_skipped=24)
 NEW_TOKENS = 6
@@ -80,7 +81,7 @@ def test_cache_is_pruned_and_decoding_ignores_pruned_entries():
         for b in range(3):
             layer.keys[b, :, skipped[b]] = float("nan")
             layer.values[b, :, skipped[b]] = float("nan")
-    state = skip_kv.prune_skipped_kv(cache, skipped)
+    state = prune_skipped_kv(cache, skipped)
     images = torch.tensor([1, 2, 1])
     expected = length - images.min().item() * CFG.num_skipped  # the widest sample sets the cache width
     assert state.slot_valid.sum(1).tolist() == (length - images * CFG.num_skipped).tolist()
@@ -102,7 +103,7 @@ def test_cache_is_pruned_and_decoding_ignores_pruned_entries():
     hook.remove()
     assert not torch.isnan(step.logits).any()
     assert positions[0][:, 0].tolist() == mask.sum(1).tolist()  # true position L (per sample, padding excluded)
-    assert skip_kv.cache_slots(cache) == expected + 1
+    assert cache_slots(cache) == expected + 1
     assert cache.get_seq_length() == ids.shape[1] + 1  # generate sees tokens in full coordinates
 
     _, pruned_model = pair(skip_cfg)
@@ -154,7 +155,7 @@ def test_sampling_generate_runs_and_prunes():
         return_dict_in_generate=True,
     )
     assert out.sequences.shape == (2, ids.shape[1] + 4)
-    assert skip_kv.cache_slots(out.past_key_values) == ids.shape[1] - CFG.num_skipped + 3
+    assert cache_slots(out.past_key_values) == ids.shape[1] - CFG.num_skipped + 3
 
 
 def test_bad_decode_inputs():
@@ -164,7 +165,7 @@ def test_bad_decode_inputs():
     with pytest.raises(ValueError, match="attention_mask has 5 columns"):
         model(input_ids=ids[:, :1], attention_mask=torch.ones(1, 5, dtype=torch.long), past_key_values=cache)
     with pytest.raises(ValueError, match="already pruned"):
-        skip_kv.prune_skipped_kv(cache, torch.zeros(1, cache.get_seq_length(), dtype=torch.bool))
+        prune_skipped_kv(cache, torch.zeros(1, cache.get_seq_length(), dtype=torch.bool))
     with pytest.raises(ValueError, match="non-empty cache"):
         model(input_ids=ids, pixel_values=pixels, past_key_values=cache)
 
@@ -175,9 +176,9 @@ def test_tuple_outputs_prune_the_cache_too():
     as_dict = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True)
     as_tuple = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True, return_dict=False)
     cache = next(entry for entry in as_tuple if isinstance(entry, type(as_dict.past_key_values)))
-    assert skip_kv.skip_kv_state(cache) is not None
+    assert skip_kv_state(cache) is not None
     # the widest row is the 2-image one (no padding): 2 * N_s of its columns are pruned; the other row's padding is too
-    slots = skip_kv.cache_slots
+    slots = cache_slots
     assert slots(cache) == slots(as_dict.past_key_values) == ids.shape[1] - 2 * CFG.num_skipped
-    assert skip_kv.skip_kv_state(cache).slot_valid.sum(1).tolist() == (mask.sum(1) - torch.tensor([1, 2]) * 24).tolist()
+    assert skip_kv_state(cache).slot_valid.sum(1).tolist() == (mask.sum(1) - torch.tensor([1, 2]) * 24).tolist()
     assert torch.equal(as_tuple[0], as_dict.logits)

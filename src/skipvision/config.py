@@ -9,6 +9,7 @@ import torch
 
 from .drop_schedule import check_schedule, check_without_skipping
 from .selection import SELECTIONS, selection_strategy
+from .tower_reduction import tower_reduction
 
 MERGES = ("tome", "none", "drop")
 TRAIN_MASKS = ("causal", "answer_blind")
@@ -98,6 +99,10 @@ class SkipVisionConfig:
             sample's visual tokens most attended by its last instruction token, and remove the rest from every
             later layer and its cache (FastV, PyramidDrop; see ``skipvision.llm_drop``). Needs no skipped tokens
             (``skip_layers=()`` or ``num_retained=None``) and ``skip_kv_cache=False``.
+        tower_reduction: a peer method's token reduction before the projector (``"visionzip"``, ``"prumerge"``,
+            ``"tome"`` ...; see ``skipvision.tower_reduction`` and ``skipvision.peers``): it hands the language model
+            ``num_retained + num_skipped`` tokens per image, which all run full blocks and stay cached. Needs
+            ``skip_layers=()``, ``skip_kv_cache=False``, no summary tokens and the full layout.
         train_mask: attention in training forwards with labels. ``"causal"`` (the paper's code): every later
             token sees S, the answer included. ``"answer_blind"`` (method.md 3.6 / 7.2): rows from each sample's
             first answer token on do not see S, which is what generated tokens see after Skip KV-cache pruning.
@@ -113,6 +118,7 @@ class SkipVisionConfig:
     layout: str = "full"
     llm_drop: tuple[tuple[int, float], ...] = ()
     train_mask: str = "causal"
+    tower_reduction: str | None = None
 
     def __post_init__(self) -> None:
         if self.train_mask not in TRAIN_MASKS:
@@ -120,6 +126,8 @@ class SkipVisionConfig:
         object.__setattr__(self, "llm_drop", check_schedule(self.llm_drop))
         skips = self.num_retained is not None and self.skip_layers != ()
         check_without_skipping(self.llm_drop, skips, self.skip_kv_cache, self.skip_layers)
+        if self.tower_reduction is not None:
+            self._check_tower_reduction()
         if isinstance(self.num_retained, float):
             if not 0.0 < self.num_retained <= 1.0:
                 raise ValueError(
@@ -243,7 +251,9 @@ class SkipVisionConfig:
 
     def check_against(self, facts: VisionFacts) -> None:
         """Raise ``ValueError`` if this config cannot run on a model with these properties."""
-        if self.num_retained is not None:
+        if self.tower_reduction is not None:
+            self._check_reduction_against(facts)
+        elif self.num_retained is not None:
             eligible = facts.eligible_tokens
             fraction = isinstance(self.num_retained, float)
             if eligible is not None and not fraction and self.num_retained > eligible:
@@ -293,6 +303,47 @@ class SkipVisionConfig:
                 f"layers (valid indices 0..{facts.num_layers - 1})"
             )
         check_schedule(self.llm_drop, facts.num_layers)
+
+    def _check_reduction_against(self, facts: VisionFacts) -> None:
+        reduction = tower_reduction(self.tower_reduction)
+        if reduction.needs_cls and not facts.has_cls:
+            raise ValueError(
+                f"tower_reduction={self.tower_reduction!r} reads the vision tower's CLS token, and this model's tower "
+                "has none (or its features keep it): the method does not apply to this model"
+            )
+        fixed = facts.fixed_visual_tokens
+        if fixed is not None and self.num_retained + self.num_skipped > fixed:
+            raise ValueError(
+                f"tower_reduction={self.tower_reduction!r} keeps num_retained + num_skipped = "
+                f"{self.num_retained + self.num_skipped} tokens, more than the {fixed} the tower produces"
+            )
+
+    def _check_tower_reduction(self) -> None:
+        if not isinstance(self.tower_reduction, str):
+            raise ValueError(f"tower_reduction must be a method name, got {self.tower_reduction!r}")
+        counts = [self.num_retained, self.num_skipped]
+        if (
+            any(isinstance(n, bool) or not isinstance(n, int) for n in counts)
+            or self.num_retained + self.num_skipped < 1
+        ):
+            raise ValueError(
+                f"tower_reduction={self.tower_reduction!r} hands the language model num_retained + num_skipped tokens "
+                f"per image: give both as counts, got num_retained={self.num_retained}, num_skipped={self.num_skipped}"
+            )
+        wrong = {
+            "skip_layers": (self.skip_layers, ()),
+            "skip_kv_cache": (self.skip_kv_cache, False),
+            "summary_tokens": (self.summary_tokens, False),
+            "layout": (self.layout, "full"),
+            "llm_drop": (self.llm_drop, ()),
+        }
+        wrong = {name: value for name, (value, needed) in wrong.items() if value != needed}
+        if wrong:
+            raise ValueError(
+                f"tower_reduction={self.tower_reduction!r}: every token it keeps runs full blocks and stays cached, "
+                "so it needs skip_layers=(), skip_kv_cache=False, summary_tokens=False, layout='full' and no "
+                f"llm_drop; got {wrong}"
+            )
 
     # --- serialisation (stored as ``config.skip_vision`` in config.json) ----------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -97,7 +97,11 @@ class PrefillMixin:
     def _image_sequences(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[ImageSequence]:
         cfg = self.skip_vision_config
         dtype = self.get_input_embeddings().weight.dtype
-        images = self.skip_vision_family.image_tokens(self, pixel_values, image_inputs, cfg)
+        family = self.skip_vision_family
+        if cfg.tower_reduction is not None:  # a peer method before the projector: its tokens as they come
+            images = family.reduced_image_tokens(self, pixel_values, image_inputs, cfg)
+        else:
+            images = family.image_tokens(self, pixel_values, image_inputs, cfg)
         for image in images:
             image.tokens = image.tokens.to(dtype)
         return assemble(images, cfg, self.summary_scorer)

@@ -141,6 +141,22 @@ class Family:
             counts = placeholder_runs(is_image)
         return [(count, square_grid(count)) for count in counts]
 
+    def reduced_image_tokens(
+        self, model: nn.Module, pixel_values: torch.Tensor, image_inputs: dict[str, Any], config: SkipVisionConfig
+    ) -> list[ImageTokens]:
+        """Each image's tokens after ``config.tower_reduction`` (a peer method before the projector), R first."""
+        raise ValueError(
+            f"tower_reduction={config.tower_reduction!r} is not available for the {self.name} family: it runs on "
+            "towers whose one pass per image yields the image's tokens (LLaVA-1.5)"
+        )
+
+    def feature_index(self, model: nn.Module) -> int:
+        """The non-negative index into the tower's ``hidden_states`` of the features (one feature layer)."""
+        layer = model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError(f"a tower reduction reads one feature layer, not vision_feature_layer={layer}")
+        return layer + len(self.vision_layers(model)) + 1 if layer < 0 else layer
+
     # --- positions ----------------------------------------------------------------------------------------------
     def rope_position_ids(self, model: nn.Module, text_positions: torch.Tensor) -> torch.Tensor:
         """Position ids the model takes for tokens after the prompt, from their 1-D text positions."""

@@ -15,6 +15,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor, Pretrain
 from ..config import SkipVisionConfig, VisionFacts
 from ..model import SkipVisionMixin
 from ..sequence import ImageTokens
+from ..tower_reduction import TowerRun, capture_attention_inputs, tower_reduction
 from .base import Family, ModelShape, selection_scores, text_shape, vision_shape
 
 
@@ -48,6 +49,25 @@ class LlavaFamily(Family):
         )
         features = out.pooler_output
         return [ImageTokens(features[i], visual, None if scores is None else scores[i]) for i in range(len(features))]
+
+    def reduced_image_tokens(
+        self, model: Any, pixel_values: torch.Tensor, image_inputs: dict[str, Any], config: SkipVisionConfig
+    ) -> list[ImageTokens]:
+        inner = model.model
+        reduction = tower_reduction(config.tower_reduction)
+        layers = self.vision_layers(model)
+        feature_index = self.feature_index(model)
+        wanted = [feature_index - 1 + offset for offset in reduction.attention_layers]
+        if any(not 0 <= index < len(layers) for index in wanted):
+            raise ValueError(
+                f"tower_reduction={config.tower_reduction!r} reads tower layers {wanted}; the tower has {len(layers)}"
+            )
+        seen, hooks = capture_attention_inputs(layers, wanted)
+        with hooks, reduction.tower_context(layers, feature_index - 1, config):
+            out = inner.vision_tower(pixel_values.to(inner.vision_tower.dtype), output_hidden_states=True)
+        features = reduction.reduce(TowerRun(out.hidden_states, feature_index, layers, seen), config)
+        tokens = inner.multi_modal_projector(features)
+        return [ImageTokens(tokens[i], tokens.shape[1]) for i in range(tokens.shape[0])]
 
     def configure_processor(
         self, processor: ProcessorMixin, config: SkipVisionConfig, model_config: PretrainedConfig | None

@@ -5,6 +5,8 @@ the FLOPs model, the benchmark):
 - ``visionzip``: dominant tokens by CLS attention plus contextual tokens merged from the rest, before the LLM;
 - ``tome``: ToMe before the LLM, every visual token merged down to the budget;
 - ``token_drop``: keep a random or a raster-order subset, drop the rest (the floors);
+- ``fastervlm``: the ``keep`` tokens with the largest CLS attention in the tower's feature layer, before the
+  projector (``tower_reduction``);
 - ``fastv``: drop visual tokens inside the language model once, after layer K-1, by the last instruction token's
   attention;
 - ``pyramid_drop``: the same at the end of each of several stages, by a ratio each time.
@@ -15,6 +17,7 @@ methods shorten the sequence instead (``fastv`` and ``pyramid_drop`` through ``S
 
 from __future__ import annotations
 
+from .fastervlm import fastervlm
 from .fastv import fastv
 from .pyramid_drop import pyramid_drop
 from .token_drop import token_drop
@@ -26,7 +29,8 @@ PEERS = {
     "tome": tome,
     "token_drop": token_drop,
     "fastv": fastv,
+    "fastervlm": fastervlm,
     "pyramid_drop": pyramid_drop,
 }
 
-__all__ = ["PEERS", "fastv", "pyramid_drop", "token_drop", "tome", "visionzip"]
+__all__ = ["PEERS", "fastervlm", "fastv", "pyramid_drop", "token_drop", "tome", "visionzip"]
