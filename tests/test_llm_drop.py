@@ -4,6 +4,8 @@ layers."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import IMAGE_TOKEN_ID, pair, prompts
@@ -31,19 +33,23 @@ def test_last_query_attention_equals_eager_attention():
     lm = vanilla.model.language_model
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     rope = lm.rotary_emb(out.hidden_states[0], positions)
-    query = llm_drop.query_indices(mask, None, ids.shape)
-    assert query.tolist() == [ids.shape[1] - 1] * 3
+    query, _ = llm_drop.query_indices(mask, None, ids.shape)
+    assert query.tolist() == [[ids.shape[1] - 1]] * 3
     for layer_idx in (0, 2):
         hidden = out.hidden_states[layer_idx]
-        got = llm_drop.last_query_attention(lm.layers[layer_idx], hidden, rope, query, mask.bool())
-        want = out.attentions[layer_idx][torch.arange(3), :, query].mean(1)
+        got = llm_drop.query_attention(lm.layers[layer_idx], hidden, rope, query, mask.bool())
+        want = out.attentions[layer_idx][torch.arange(3), :, query[:, 0]].mean(1)
         assert (got - want).abs().max() <= 1e-6
 
 
 def test_query_index_with_labels_is_the_last_instruction_token():
     mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
     labels = torch.tensor([[-100, -100, -100, 7, 8, -100], [-100] * 6])
-    assert llm_drop.query_indices(mask, labels, mask.shape).tolist() == [2, 3]
+    assert llm_drop.query_indices(mask, labels, mask.shape)[0].tolist() == [[2], [3]]
+    # PyramidDrop's training rule: the token before every answer span (one per turn)
+    labels = torch.tensor([[-100, 7, -100, -100, 8, 8], [-100] * 6])
+    index, valid = llm_drop.query_indices(mask, labels, mask.shape, every_answer=True)
+    assert [row[v].tolist() for row, v in zip(index, valid)] == [[0, 3], [3]]
 
 
 def test_full_budget_is_the_vanilla_model():
@@ -85,7 +91,7 @@ def _reference_logits(vanilla, ids, mask, pixels, schedule, query, extra=None):
             if layer_idx in stages:
                 # eager attention of the query token in this layer
                 qi = int((keep == q).nonzero())
-                scores = llm_drop.last_query_attention(layer, x, rope, torch.tensor([qi]))[0]
+                scores = llm_drop.query_attention(layer, x, rope, torch.tensor([[qi]]))[0]
                 vis = visual[keep]
                 k = llm_drop.kept_count(n_visual, stages[layer_idx])
                 top = scores.masked_fill(~vis, -1).topk(k).indices
@@ -98,12 +104,16 @@ def _reference_logits(vanilla, ids, mask, pixels, schedule, query, extra=None):
 
 @pytest.mark.parametrize("peer", ["fastv", "pyramid"])
 def test_prefill_and_loss_equal_the_hand_loop(peer):
-    cfg = fastv(0.25, layer=2) if peer == "fastv" else pyramid_drop(0.5, LAYERS, stages=4)
+    # the mechanism under FastV's rule, over one drop and over a multi-stage schedule (the official PyramidDrop rule
+    # is checked against its own reference in tests/peers/test_pyramid_drop.py)
+    cfg = (
+        fastv(0.25, layer=2) if peer == "fastv" else replace(pyramid_drop(0.5, LAYERS, stages=4), llm_drop_rule="fastv")
+    )
     vanilla, model = pair(cfg, num_layers=LAYERS)
     vanilla.double(), model.double()
     ids, mask, pixels = _batch()
     pixels = pixels.double()
-    query = llm_drop.query_indices(mask, None, ids.shape)
+    query = llm_drop.query_indices(mask, None, ids.shape)[0][:, 0]
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True)
         ref = _reference_logits(vanilla, ids, mask, pixels, cfg.llm_drop, query)
@@ -125,7 +135,7 @@ def test_prefill_and_loss_equal_the_hand_loop(peer):
     loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
     loss.backward()
     assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
-    tq = llm_drop.query_indices(mask, labels, ids.shape)
+    tq = llm_drop.query_indices(mask, labels, ids.shape)[0][:, 0]
     with torch.no_grad():
         ref = _reference_logits(vanilla, ids, mask, pixels, cfg.llm_drop, tq)
     total, count = 0.0, 0
@@ -139,7 +149,8 @@ def test_prefill_and_loss_equal_the_hand_loop(peer):
 
 
 def test_cached_greedy_decoding_equals_the_hand_loop():
-    cfg = pyramid_drop(0.5, LAYERS, stages=4)
+    # the hand loop ranks as FastV does, over PyramidDrop's stages (its own rule: tests/peers/test_pyramid_drop.py)
+    cfg = replace(pyramid_drop(0.5, LAYERS, stages=4), llm_drop_rule="fastv")
     vanilla, model = pair(cfg, num_layers=LAYERS)
     vanilla.double(), model.double()
     ids, mask, pixels = _batch()
@@ -156,7 +167,7 @@ def test_cached_greedy_decoding_equals_the_hand_loop():
         min_new_tokens=new,
     )
     generated = out.sequences[:, ids.shape[1] :]
-    query = llm_drop.query_indices(mask, None, ids.shape)
+    query = llm_drop.query_indices(mask, None, ids.shape)[0][:, 0]
     with torch.no_grad():
         ref = _reference_logits(vanilla, ids, mask, pixels, cfg.llm_drop, query, extra=generated)
     for b, (_, logits) in enumerate(ref):
@@ -222,13 +233,16 @@ def test_other_families_full_budget_is_vanilla_and_caches_shrink(family):
     kwargs = dict(max_new_tokens=4, do_sample=False, min_new_tokens=4)
     assert full.generate(**inputs, **kwargs).tolist() == vanilla.generate(**inputs, **kwargs).tolist()
     layers = len(skipvision.family_of(full).decoder_layers(full))
-    _, model = family_pair(family, pyramid_drop(0.5, layers, stages=layers))
+    # M-RoPE positions have no renumbering rule in the official code: Qwen-VL takes the named true-positions departure
+    positions = "true" if family.startswith("qwen") else "renumbered"
+    cfg = pyramid_drop(0.5, layers, stages=layers, positions=positions)
+    _, model = family_pair(family, cfg)
     out = model(**inputs, use_cache=True)
     visual = model.image_placeholder_mask(inputs["input_ids"]).sum(1)
     text = mask.sum(1) - visual
     cache = out.past_key_values
     for layer_idx, fraction in [(0, 1.0), (1, 0.5), (layers - 1, 0.5 ** (layers - 1))]:
-        kept = [llm_drop.kept_count(int(v), fraction) for v in visual]
+        kept = [llm_drop.kept_count(int(v), fraction, cfg.llm_drop_rule) for v in visual]
         expected = inputs["input_ids"].shape[1] if layer_idx == 0 else max(int(t) + k for t, k in zip(text, kept))
         assert cache.layers[layer_idx].keys.shape[2] == expected
     assert model.generate(**inputs, **kwargs).shape[1] == inputs["input_ids"].shape[1] + 4

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .drop_schedule import check_schedule, check_without_skipping
+from .drop_schedule import check_rule, check_schedule, check_without_skipping
 from .selection import SELECTIONS, selection_strategy
 from .tower_reduction import tower_reduction
 
@@ -99,6 +99,9 @@ class SkipVisionConfig:
             sample's visual tokens most attended by its last instruction token, and remove the rest from every
             later layer and its cache (FastV, PyramidDrop; see ``skipvision.llm_drop``). Needs no skipped tokens
             (``skip_layers=()`` or ``num_retained=None``) and ``skip_kv_cache=False``.
+        llm_drop_rule: how ``llm_drop`` ranks, counts and places the tokens it keeps: ``"fastv"``, ``"pyramid_drop"``
+            (the official PyramidDrop) or ``"pyramid_drop_true_positions"`` (a named departure); see
+            ``drop_schedule.DROP_RULES``.
         tower_reduction: a peer method's token reduction before the projector (``"visionzip"``, ``"prumerge"``,
             ``"tome"`` ...; see ``skipvision.tower_reduction`` and ``skipvision.peers``): it hands the language model
             ``num_retained + num_skipped`` tokens per image, which all run full blocks and stay cached. Needs
@@ -117,6 +120,7 @@ class SkipVisionConfig:
     skip_layers: tuple[int, ...] | None = None
     layout: str = "full"
     llm_drop: tuple[tuple[int, float], ...] = ()
+    llm_drop_rule: str = "fastv"
     train_mask: str = "causal"
     tower_reduction: str | None = None
 
@@ -124,6 +128,7 @@ class SkipVisionConfig:
         if self.train_mask not in TRAIN_MASKS:
             raise ValueError(f"unknown train_mask {self.train_mask!r}; choose one of {TRAIN_MASKS}")
         object.__setattr__(self, "llm_drop", check_schedule(self.llm_drop))
+        check_rule(self.llm_drop_rule)
         skips = self.num_retained is not None and self.skip_layers != ()
         check_without_skipping(self.llm_drop, skips, self.skip_kv_cache, self.skip_layers)
         if self.tower_reduction is not None:

@@ -35,19 +35,47 @@ def check_schedule(schedule: Any, num_layers: int | None = None) -> tuple[tuple[
     return tuple(pairs)
 
 
-def kept_count(visual: int, keep: float) -> int:
-    """Visual tokens a sample with ``visual`` of them keeps at fraction ``keep`` (rounded; at least 1 if any)."""
+#: how a schedule drops (``SkipVisionConfig.llm_drop_rule``):
+#: ``fastv``: rank by layer ``l``'s own attention on its input, keep ``round(keep * N)`` (at least 1), true positions;
+#: ``pyramid_drop``: the official PyramidDrop: rank by layer ``l + 1``'s attention (its input norm and q/k) on layer
+#: ``l``'s output, keep ``int(keep * N)`` (may be 0), average the queries before every answer in training, and
+#: renumber the positions after each drop; ``pyramid_drop_true_positions``: the same with true positions kept (a
+#: departure from the official code, for M-RoPE families, whose 3-D positions the official code has no rule for)
+DROP_RULES = ("fastv", "pyramid_drop", "pyramid_drop_true_positions")
+
+
+def check_rule(rule: Any) -> str:
+    if rule not in DROP_RULES:
+        raise ValueError(f"unknown llm_drop_rule {rule!r}; choose one of {DROP_RULES}")
+    return rule
+
+
+def ranks_with_next_layer(rule: str) -> bool:
+    return rule.startswith("pyramid_drop")
+
+
+def renumbers_positions(rule: str) -> bool:
+    return rule == "pyramid_drop"
+
+
+def kept_count(visual: int, keep: float, rule: str = "fastv") -> int:
+    """Visual tokens a sample with ``visual`` of them keeps at fraction ``keep``: FastV rounds (at least 1 if any),
+    PyramidDrop truncates (``int``, as its official code)."""
+    if ranks_with_next_layer(rule):
+        return min(visual, int(keep * visual))
     return min(visual, max(1 if visual else 0, round(keep * visual)))
 
 
-def visual_per_layer(visual: int, schedule: tuple[tuple[int, float], ...], num_layers: int) -> list[int]:
+def visual_per_layer(
+    visual: int, schedule: tuple[tuple[int, float], ...], num_layers: int, rule: str = "fastv"
+) -> list[int]:
     """Visual tokens in each layer's input for a sample with ``visual`` of them (the FLOPs model's count)."""
     counts, present = [], visual
     stages = dict(schedule)
     for layer in range(num_layers):
         counts.append(present)
         if layer in stages:
-            present = kept_count(visual, stages[layer])
+            present = kept_count(visual, stages[layer], rule)
     return counts
 
 

@@ -181,6 +181,7 @@ def language_flops(
     causal: bool = True,
     skip_layers: tuple[int, ...] | None = None,
     llm_drop: tuple[tuple[int, float], ...] = (),
+    llm_drop_rule: str = "fastv",
 ) -> dict[str, int]:
     """Forward FLOPs of the decoder stack + LM head for one sequence (prefill: ``logits=1``).
 
@@ -189,7 +190,7 @@ def language_flops(
     text = shape.text
     total = {"projections": 0, "attention": 0, "ffn": 0}
     visual = counts.image_tokens
-    present = visual_per_layer(visual, llm_drop, text.layers)
+    present = visual_per_layer(visual, llm_drop, text.layers, llm_drop_rule)
     stages = dict(llm_drop)
     q, kv, d = text.heads * text.head_dim, text.kv_heads * text.head_dim, text.hidden
     if llm_drop:
@@ -228,15 +229,17 @@ def report(
             raise ValueError(f"{name} must be at least 0, got {value!r}")
     counts = sequence_counts(shape, text_tokens, images, cfg)
     skip_layers, drop = (cfg.skip_layers, cfg.llm_drop) if cfg else (None, ())
-    prefill = language_flops(shape, counts, logits=1, skip_layers=skip_layers, llm_drop=drop)
+    options = {"skip_layers": skip_layers, "llm_drop": drop, "llm_drop_rule": cfg.llm_drop_rule if cfg else "fastv"}
+    prefill = language_flops(shape, counts, logits=1, **options)
     # training scores every position (in-LLM dropping scatters the sequence back before the LM head)
     logits = counts.attention_length if drop else counts.ffn_length
-    train = language_flops(shape, counts, logits=logits, skip_layers=skip_layers, llm_drop=drop)
+    train = language_flops(shape, counts, logits=logits, **options)
     pruned = cfg is not None and cfg.skip_kv_cache
     context = counts.attention_length - (images * counts.skipped_per_image if pruned else 0)
     if drop:  # each layer caches what it saw; attention cost is linear in the context, so the mean is exact
         visual = counts.image_tokens
-        context -= visual - sum(visual_per_layer(visual, drop, shape.text.layers)) / shape.text.layers
+        present = visual_per_layer(visual, drop, shape.text.layers, options["llm_drop_rule"])
+        context -= visual - sum(present) / shape.text.layers
     decode = sum(decode_step_flops(shape, context + t) for t in range(new_tokens))
     vision = vision_flops(shape, images)
     if cfg is not None:

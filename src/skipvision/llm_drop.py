@@ -1,14 +1,17 @@
 """Dropping visual tokens inside the language model (FastV, PyramidDrop): after decoder layer ``l`` the visual tokens
-least attended by each sample's last instruction token leave the sequence, so every later layer runs on fewer
-tokens (attention, FFN and its cache entries).
+least attended by each sample's query token(s) leave the sequence, so every later layer runs on fewer tokens
+(attention, FFN and its cache entries).
 
 A schedule is ``((layer, keep), ...)``: after ``layer``, keep the fraction ``keep`` of the sample's visual tokens
-(of all it had, not of those left), ranked by the attention of the query token over them in that layer, averaged
-over heads. The tokens are removed for real: the layers after a drop get gathered hidden states, rotary embeddings,
-positions and masks (true positions are kept, nothing is renumbered), and the last layer scatters its output back
-into the full sequence, where a dropped token keeps the hidden state it had when it left (its logits are nobody's:
-it is an image placeholder). The KV cache of a layer holds only the tokens that layer saw; decode steps gather each
-layer's mask columns to match (:class:`DropCacheState`).
+(of all it had, not of those left). The *rule* (``SkipVisionConfig.llm_drop_rule``, ``drop_schedule.DROP_RULES``)
+says how: FastV's ranks by layer ``l``'s own attention on its input and keeps true positions; PyramidDrop's ranks by
+the next layer's attention on layer ``l``'s output (its input norm and q/k), counts with ``int``, averages the
+queries before every answer in training, and renumbers the positions after each drop. The tokens are removed for
+real: the layers after a drop get gathered hidden states, rotary embeddings (recomputed when positions are
+renumbered), positions and masks, and the last layer scatters its output back into the full sequence, where a
+dropped token keeps the hidden state it had when it left (its logits are nobody's: it is an image placeholder). The
+KV cache of a layer holds only the tokens that layer saw; decode steps gather each layer's mask columns to match and
+shift their positions by what the layer's stage dropped (:class:`DropCacheState`).
 
 The attention score is computed from the layer's own projections and rotary embedding, so it needs no eager
 attention anywhere; it costs one query and the keys of one layer per drop (counted in the FLOPs model).
@@ -25,7 +28,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .cache_rows import RowStateCacheMixin
-from .drop_schedule import kept_count
+from .drop_schedule import kept_count, ranks_with_next_layer, renumbers_positions
 from .masks import answer_start, compact_slots
 from .mixing import mix_into, unmix
 
@@ -41,11 +44,16 @@ class DropPlan:
 
     schedule: tuple[tuple[int, float], ...]
     visual: torch.Tensor  # (batch, L) bool
-    query_index: torch.Tensor  # (batch,) long: the token whose attention ranks the visual tokens
+    query_index: torch.Tensor  # (batch, Q) long: the tokens whose attention ranks the visual tokens
     num_layers: int
     padding: torch.Tensor | None = None  # (batch, L) bool: padding columns, which no query attends
+    query_valid: torch.Tensor | None = None  # (batch, Q) bool: which of a sample's Q query slots are real
+    rule: str = "fastv"
+    layers: nn.ModuleList | None = None  # the decoder layers (a rule that ranks with the next layer reads them)
+    rotary: nn.Module | None = None  # the text model's rotary embedding (a rule that renumbers positions)
     index: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch, n) long
     valid: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch, n) bool
+    positions: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch, n) renumbered position ids
     full_hidden: torch.Tensor | None = None  # (batch, L, d): every token's latest hidden state
 
     @property
@@ -63,9 +71,12 @@ def _latest_start(starts: dict[int, Any], layer_idx: int) -> int | None:
     return max((start for start in starts if start <= layer_idx), default=None)
 
 
-def query_indices(attention_mask: torch.Tensor | None, labels: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
-    """Each sample's last instruction token: the one before its first supervised label when ``labels`` are given
-    (training), else its last non-padding token."""
+def query_indices(
+    attention_mask: torch.Tensor | None, labels: torch.Tensor | None, shape: torch.Size, every_answer: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index (batch, Q), valid (batch, Q))``: each sample's query tokens. Without ``labels``, its last non-padding
+    token; with them, the token before its first supervised label (``every_answer``: before each answer span, every
+    turn of a multi-turn record, as PyramidDrop trains). A sample without any label keeps its last token."""
     batch, length = shape
     positions = torch.arange(length).expand(batch, length)
     if attention_mask is not None:
@@ -73,21 +84,34 @@ def query_indices(attention_mask: torch.Tensor | None, labels: torch.Tensor | No
         last = torch.where(attention_mask.bool(), positions, -1).amax(1)
     else:
         last = torch.full((batch,), length - 1)
-    if labels is not None:
-        first = answer_start(labels).to(last.device)
-        last = torch.where(first < length, first - 1, last)  # samples without labels keep their last token
-    return last.clamp_min(0)
+    last = last.clamp_min(0)
+    if labels is None:
+        return last[:, None], torch.ones(batch, 1, dtype=torch.bool, device=last.device)
+    labels = labels.to(last.device)
+    if not every_answer:
+        first = answer_start(labels)
+        first = torch.where(first < length, first - 1, last).clamp_min(0)
+        return first[:, None], torch.ones(batch, 1, dtype=torch.bool, device=last.device)
+    before = torch.zeros(batch, length, dtype=torch.bool, device=last.device)
+    before[:, :-1] = (labels[:, :-1] == -100) & (labels[:, 1:] != -100)
+    before[~before.any(1), :] = False
+    before[torch.arange(batch, device=last.device), last] |= ~before.any(1)  # no answer: the last token
+    width = int(before.sum(1).max())
+    order = (~before).long().argsort(dim=1, stable=True)[:, :width]  # each sample's query positions first
+    return order, torch.arange(width, device=last.device)[None] < before.sum(1, keepdim=True)
 
 
-def last_query_attention(
+def query_attention(
     layer: nn.Module,
     hidden: torch.Tensor,
     position_embeddings: Any,
     query: torch.Tensor,
     key_valid: torch.Tensor | None = None,
+    query_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``(batch, n)``: attention of token ``query[b]`` over every token of ``hidden`` (the layer's input) in this
-    layer, averaged over heads; keys after the query, or not in ``key_valid`` (padding), get zero. Recomputed from
+    """``(batch, n)``: the attention of the tokens ``query (batch, Q)`` over every token of ``hidden`` (the input
+    ``layer`` normalises) under ``layer``'s projections, softmax over each query's row in fp32, averaged over heads
+    and then over the valid queries; keys after a query, or not in ``key_valid`` (padding), get zero. Recomputed from
     the layer's projections and its module's ``apply_rotary_pos_emb`` (Llama-style attention; q_norm/k_norm applied
     when present)."""
     attn = layer.self_attn
@@ -96,24 +120,27 @@ def last_query_attention(
         raise TypeError(f"{type(attn).__name__}'s module has no apply_rotary_pos_emb; in-LLM dropping cannot score it")
     batch, n, _ = hidden.shape
     normed = layer.input_layernorm(hidden)
-    rows = torch.arange(batch, device=hidden.device)
-    head_dim = attn.head_dim
-    q = attn.q_proj(normed[rows, query]).view(batch, 1, -1, head_dim)
+    rows = torch.arange(batch, device=hidden.device)[:, None]
+    head_dim, queries = attn.head_dim, query.shape[1]
+    q = attn.q_proj(normed[rows, query]).view(batch, queries, -1, head_dim)
     k = attn.k_proj(normed).view(batch, n, -1, head_dim)
     if getattr(attn, "q_norm", None) is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # (batch, heads, tokens, head_dim)
     cos, sin = position_embeddings
     cos, sin = cos.expand(batch, *cos.shape[1:]), sin.expand(batch, *sin.shape[1:])
-    q, _ = rope(q, q, cos[rows, query][:, None], sin[rows, query][:, None])
+    q, _ = rope(q, q, cos[rows, query], sin[rows, query])
     _, k = rope(k, k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = (q @ k.transpose(-1, -2)).squeeze(2).float() * head_dim**-0.5  # (batch, heads, n)
-    blocked = torch.arange(n, device=hidden.device)[None, :] > query[:, None]
+    scores = (q @ k.transpose(-1, -2)).float() * head_dim**-0.5  # (batch, heads, Q, n)
+    blocked = torch.arange(n, device=hidden.device)[None, None, :] > query[:, :, None]  # (batch, Q, n)
     if key_valid is not None:
-        blocked = blocked | ~key_valid
-    scores = scores.masked_fill(blocked[:, None], float("-inf"))
-    return scores.softmax(-1).mean(1)
+        blocked = blocked | ~key_valid[:, None, :]
+    probs = scores.masked_fill(blocked[:, None], float("-inf")).softmax(-1).mean(1)  # (batch, Q, n)
+    if query_valid is None:
+        return probs.mean(1)
+    weights = query_valid.to(probs.dtype)
+    return (probs * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True)
 
 
 def _gather_seq(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -154,7 +181,7 @@ def select_kept(plan: DropPlan, scores: torch.Tensor, index: torch.Tensor, valid
     leaves too: no query attends it)."""
     visual = plan.visual.gather(1, index) & valid
     total = plan.visual.sum(1)
-    keep_counts = torch.tensor([kept_count(int(v), keep) for v in total.tolist()], device=index.device)
+    keep_counts = torch.tensor([kept_count(int(v), keep, plan.rule) for v in total.tolist()], device=index.device)
     ranked = torch.where(visual, scores, float("-inf"))
     # rank of each visual token by score within its sample (0 = most attended)
     order = ranked.argsort(dim=1, descending=True, stable=True)
@@ -174,12 +201,7 @@ def run_layer(layer: nn.Module, layer_idx: int, forward, hidden: torch.Tensor, k
     current = plan.input_tokens(layer_idx)
     if current is not None:
         index, valid = current
-        kwargs = dict(kwargs)
-        cos, sin = kwargs["position_embeddings"]
-        kwargs["position_embeddings"] = (_gather_seq(cos, index, 1), _gather_seq(sin, index, 1))
-        if isinstance(kwargs.get("position_ids"), torch.Tensor):
-            kwargs["position_ids"] = _gather_seq(kwargs["position_ids"], index, kwargs["position_ids"].ndim - 1)
-        kwargs["attention_mask"] = _prefill_mask(kwargs.get("attention_mask"), index, valid)
+        kwargs = _reduced_kwargs(kwargs, hidden, index, valid, plan, layer_idx)
     out = forward(hidden, **kwargs)
     keep = plan.stages.get(layer_idx)
     if keep is not None:
@@ -187,18 +209,44 @@ def run_layer(layer: nn.Module, layer_idx: int, forward, hidden: torch.Tensor, k
         if current is None:
             index = torch.arange(length, device=hidden.device).expand(batch, length)
             valid = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
-        query = (index == plan.query_index[:, None]).long().argmax(1)
+        query = (index[:, None, :] == plan.query_index[:, :, None]).long().argmax(2)  # (batch, Q) slots
+        # FastV ranks with this layer's attention on its input; PyramidDrop with the next layer's on its output
+        ranker, ranked = (plan.layers[layer_idx + 1], out) if ranks_with_next_layer(plan.rule) else (layer, hidden)
         with torch.no_grad():
             keys = valid if plan.padding is None else valid & ~plan.padding.gather(1, index)
-            scores = last_query_attention(layer, hidden, kwargs["position_embeddings"], query, keys)
+            scores = query_attention(
+                ranker, ranked.detach(), kwargs["position_embeddings"], query, keys, plan.query_valid
+            )
         full = out.new_zeros(batch, length, out.shape[-1]) if plan.full_hidden is None else plan.full_hidden
         plan.full_hidden = _scatter_valid(full, out, index, valid)
         index, valid, slots = select_kept(plan, scores, index, valid, keep)
         plan.index[layer_idx + 1], plan.valid[layer_idx + 1] = index, valid
+        if renumbers_positions(plan.rule):  # the kept tokens' positions are 0, 1, ... in order
+            plan.positions[layer_idx + 1] = (valid.long().cumsum(1) - 1).clamp_min(0)
         out = _gather_seq(out, slots, 1)
     if layer_idx == plan.num_layers - 1 and plan.full_hidden is not None:
         out = _scatter_valid(plan.full_hidden, out, index, valid)
     return out
+
+
+def _reduced_kwargs(
+    kwargs: dict, hidden: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, plan: DropPlan, layer_idx: int
+) -> dict:
+    """A layer's kwargs for the tokens it sees after a drop: rotary embeddings and position ids gathered (true
+    positions) or recomputed (renumbered ones), the mask restricted to the kept tokens."""
+    kwargs = dict(kwargs)
+    if renumbers_positions(plan.rule):
+        positions = plan.positions[_latest_start(plan.positions, layer_idx)]
+        kwargs["position_embeddings"] = plan.rotary(hidden, positions)
+        if isinstance(kwargs.get("position_ids"), torch.Tensor):
+            kwargs["position_ids"] = positions
+    else:
+        cos, sin = kwargs["position_embeddings"]
+        kwargs["position_embeddings"] = (_gather_seq(cos, index, 1), _gather_seq(sin, index, 1))
+        if isinstance(kwargs.get("position_ids"), torch.Tensor):
+            kwargs["position_ids"] = _gather_seq(kwargs["position_ids"], index, kwargs["position_ids"].ndim - 1)
+    kwargs["attention_mask"] = _prefill_mask(kwargs.get("attention_mask"), index, valid)
+    return kwargs
 
 
 def _scatter_valid(full: torch.Tensor, part: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -217,6 +265,10 @@ class DropCacheState:
     index: dict[int, torch.Tensor]
     valid: dict[int, torch.Tensor]
     all_valid: dict[int, bool]  # computed once, so decode steps need no device sync (rows selected later keep it)
+    #: renumbered positions: layer -> (batch,) how far a new token's position moves down there (the prompt tokens
+    #: the layer's stage no longer holds), and the rotary embedding to recompute them with
+    position_shift: dict[int, torch.Tensor] = field(default_factory=dict)
+    rotary: nn.Module | None = None
 
     @property
     def batch_size(self) -> int:
@@ -227,7 +279,18 @@ class DropCacheState:
             self,
             index={k: v[rows.to(v.device)] for k, v in self.index.items()},
             valid={k: v[rows.to(v.device)] for k, v in self.valid.items()},
+            position_shift={k: v[rows.to(v.device)] for k, v in self.position_shift.items()},
         )
+
+    def decode_positions(self, layer_idx: int, hidden: torch.Tensor, kwargs: dict) -> None:
+        """Renumbered positions: the layer's new tokens continue from its stage's own prompt length."""
+        start = _latest_start(self.position_shift, layer_idx)
+        position_ids = kwargs.get("position_ids")
+        if start is None or not isinstance(position_ids, torch.Tensor) or position_ids.ndim != 2:
+            return
+        positions = position_ids - self.position_shift[start][:, None].to(position_ids.device)
+        kwargs["position_ids"] = positions
+        kwargs["position_embeddings"] = self.rotary(hidden, positions)
 
     def decode_mask(self, layer_idx: int, mask: Any, query_length: int, cached: int) -> Any:
         """Layer ``layer_idx``'s mask for ``query_length`` new tokens over its own cache (``cached`` entries before
@@ -271,6 +334,7 @@ class DropLayerMixin:
             kwargs["attention_mask"] = state.decode_mask(
                 layer_idx, kwargs.get("attention_mask"), hidden_states.shape[1], cached
             )
+            state.decode_positions(layer_idx, hidden_states, kwargs)
         return super().forward(hidden_states, *args, **kwargs)
 
 
@@ -313,7 +377,11 @@ def check_cache(cache: Any) -> None:
 def attach_state(cache: Cache, plan: DropPlan) -> None:
     """Record on ``cache`` which prompt columns each reduced layer holds (after the prefill under ``plan``)."""
     all_valid = {start: bool(valid.all()) for start, valid in plan.valid.items()}
-    state = DropCacheState(plan.visual.shape[1], dict(plan.index), dict(plan.valid), all_valid)
+    shift = {}
+    if renumbers_positions(plan.rule):
+        prompt = plan.visual.shape[1] if plan.padding is None else (~plan.padding).sum(1)
+        shift = {start: prompt - valid.sum(1) for start, valid in plan.valid.items()}
+    state = DropCacheState(plan.visual.shape[1], dict(plan.index), dict(plan.valid), all_valid, shift, plan.rotary)
     setattr(cache, STATE_ATTR, state)
     mix_into(cache, DropCacheMixin)
 

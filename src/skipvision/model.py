@@ -24,6 +24,7 @@ from transformers.masking_utils import create_masks_for_generate
 
 from . import llm_drop
 from .config import SkipVisionConfig, VisionFacts
+from .drop_schedule import ranks_with_next_layer, renumbers_positions
 from .families.base import Family
 from .masks import answer_start, generated_rows_mask
 from .prefill import PADDING_MASK_KWARG, ForwardPlan, PrefillMixin, decode_text_positions, read_prefill_counts
@@ -347,14 +348,27 @@ class SkipVisionMixin(PrefillMixin):
         visual = plan.visual
         if self._skip_vision_prompt_length is not None and visual.shape[1] > self._skip_vision_prompt_length:
             raise NotImplementedError("assisted and prompt-lookup decoding are not supported with llm_drop")
+        rule = plan.cfg.llm_drop_rule
+        if renumbers_positions(rule) and self.skip_vision_family.uses_mrope:
+            raise NotImplementedError(
+                f"llm_drop_rule={rule!r} renumbers 1-D positions after each drop, as the official PyramidDrop does; "
+                f"{type(self).__name__} has M-RoPE positions, for which the official code has no rule: use "
+                "llm_drop_rule='pyramid_drop_true_positions' (a named departure: true positions kept)"
+            )
         mask_2d = plan.padding_mask
         mask = mask_2d if isinstance(mask_2d, torch.Tensor) and mask_2d.shape == visual.shape else None
+        queries, valid = llm_drop.query_indices(mask, labels, visual.shape, every_answer=ranks_with_next_layer(rule))
+        family = self.skip_vision_family
         return llm_drop.DropPlan(
             schedule=plan.cfg.llm_drop,
             visual=visual,
-            query_index=llm_drop.query_indices(mask, labels, visual.shape),
-            num_layers=len(self.skip_vision_family.decoder_layers(self)),
+            query_index=queries,
+            num_layers=len(family.decoder_layers(self)),
             padding=None if mask is None else mask == 0,
+            query_valid=valid,
+            rule=rule,
+            layers=family.decoder_layers(self),
+            rotary=family.language_model(self).rotary_emb if renumbers_positions(rule) else None,
         )
 
 

@@ -31,7 +31,7 @@ IMAGE_MARKER = "<image>"
 
 def manifests() -> list[ModelManifest]:
     """The ``lmms_eval.models`` entry point."""
-    return [ModelManifest(model_id="skipvision", simple_class_path="skipvision.lmms_eval_model.SkipVisionLMM")]
+    return [ModelManifest(model_id="skipvision", simple_class_path="skipvision.harness.lmms_eval_model.SkipVisionLMM")]
 
 
 class _StepClock(LogitsProcessor):
@@ -75,7 +75,7 @@ class SkipVisionLMM(lmms):
     ) -> None:
         super().__init__()
         if unknown:
-            raise ValueError(f"unknown skipvision model args {sorted(unknown)}; see skipvision.lmms_eval_model")
+            raise ValueError(f"unknown skipvision model args {sorted(unknown)}; see skipvision.harness.lmms_eval_model")
         cfg = checkpoint_skip_vision(pretrained) or vanilla_config()
         if (num_retained is None) != (num_skipped is None):
             raise ValueError("give both num_retained and num_skipped (or neither)")

@@ -80,7 +80,7 @@ def batch_flops(model: Any, inputs: dict[str, Any], train_tower: bool = False) -
             counts = SequenceCounts(n_attn - n_visual, 1, n_visual, 0)
         else:
             counts = SequenceCounts(n_attn - n_skip, 1, 0, n_skip)
-        options = {"skip_layers": cfg.skip_layers, "llm_drop": cfg.llm_drop}
+        options = {"skip_layers": cfg.skip_layers, "llm_drop": cfg.llm_drop, "llm_drop_rule": cfg.llm_drop_rule}
         parts = language_flops(shape, counts, logits=1, **options)
         prefill_lm += sum(parts.values())
         for key, value in parts.items():

@@ -1,10 +1,12 @@
 """FastV (Chen et al., 2024): before decoder layer ``layer`` (K), the visual tokens least attended by the last
-instruction token in layer K-1 leave the sequence; the kept fraction runs the remaining layers. Inference-only in
-the paper; here it also trains (the ranking is not differentiated).
+instruction token in layer K-1 leave the sequence; the kept fraction runs the remaining layers and keeps its true
+positions. Inference-only in the paper; here it also trains (the ranking is not differentiated).
 
-Differences from the paper's code, stated: the attention is recomputed for the one query token from layer K-1's
-projections (no eager attention everywhere, no attention-map output), and the cache of layers >= K holds only the
-kept tokens (the paper's in-place variant), so decoding reads fewer keys too.
+This is the official code's llava-hf KV-cache variant (pkunlp-icler/FastV; notes in docs/peers/fastv.md): ranked once
+in the prefill by layer K-1's attention (last prompt token's row, head mean), ``round(N * keep)`` tokens kept in
+their order with their true positions, and the cache of layers >= K holds only the kept tokens, so decoding reads
+fewer keys too. The official in-place variant instead has no cache and re-ranks at every step; it is not offered.
+The attention is recomputed for the one query token from layer K-1's projections (no eager attention needed).
 """
 
 from __future__ import annotations
