@@ -188,14 +188,7 @@ class SkipVisionConfig:
                 f"(got num_retained={self.num_retained}, num_skipped={self.num_skipped})"
             )
         if self.skip_layers is not None:
-            if isinstance(self.skip_layers, (int, str)) or not hasattr(self.skip_layers, "__iter__"):
-                raise ValueError(f"skip_layers must be a list of layer indices or None, got {self.skip_layers!r}")
-            layers = tuple(self.skip_layers)
-            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
-                raise ValueError(f"skip_layers must be non-negative layer indices, got {self.skip_layers!r}")
-            if len(set(layers)) != len(layers):
-                raise ValueError(f"skip_layers has duplicates: {self.skip_layers!r}")
-            object.__setattr__(self, "skip_layers", tuple(sorted(layers)))
+            object.__setattr__(self, "skip_layers", _checked_layers(self.skip_layers))
 
     @property
     def native(self) -> bool:
@@ -375,6 +368,18 @@ class SkipVisionConfig:
     def coerce(cls, value: SkipVisionConfig | dict[str, Any]) -> SkipVisionConfig:
         """A config from a config or its dict form (as stored in config.json)."""
         return value if isinstance(value, cls) else cls.from_dict(value)
+
+
+def _checked_layers(skip_layers: Any) -> tuple[int, ...]:
+    """``skip_layers`` as sorted layer indices, checked."""
+    if isinstance(skip_layers, (int, str)) or not hasattr(skip_layers, "__iter__"):
+        raise ValueError(f"skip_layers must be a list of layer indices or None, got {skip_layers!r}")
+    layers = tuple(skip_layers)
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+        raise ValueError(f"skip_layers must be non-negative layer indices, got {skip_layers!r}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"skip_layers has duplicates: {skip_layers!r}")
+    return tuple(sorted(layers))
 
 
 def _check_count(name: str, value: Any) -> None:
