@@ -1,9 +1,9 @@
 """Token reductions inside or right after the vision tower, before the projector (the peer methods VisionZip,
-LLaVA-PruMerge, ToMe in the tower): *what* a method computes lives in its own file in ``peers/`` as a
-:class:`TowerReduction`; *when* it runs is the family's business (``Family.reduced_image_tokens``: run the tower,
-hand the reduction what it asks for, project what it returns). A config names its reduction by
-``SkipVisionConfig.tower_reduction``; the method's tokens then enter the language model as they come, the first
-``num_retained`` as R and the rest as S (no selection, no merge, no summary tokens).
+LLaVA-PruMerge, ToMe in the tower), or on the projector's output (``after_projector``): *what* a method computes
+lives in its own file in ``peers/`` as a :class:`TowerReduction`; *when* it runs is the family's business
+(``Family.reduced_image_tokens``: run the tower, hand the reduction what it asks for, project what it returns). A
+config names its reduction by ``SkipVisionConfig.tower_reduction``; the method's tokens then enter the language
+model as they come, the first ``num_retained`` as R and the rest as S (no selection, no merge, no summary tokens).
 """
 
 from __future__ import annotations
@@ -24,12 +24,16 @@ class TowerRun:
     ``feature_index``: the (non-negative) index of the features the projector would take (LLaVA-1.5: ``-2``).
     ``layers``: the tower's encoder layers; ``attention_inputs``: layer index -> the (layer-normed) input its
     self-attention received, for the layers the reduction asked for (:attr:`TowerReduction.attention_layers`).
+    ``projected``: ``(n, tokens, text width)``, the model's own projected image features (HF's feature selection,
+    then the projector), for a reduction that runs after the projector (:attr:`TowerReduction.after_projector`);
+    None otherwise.
     """
 
     hidden_states: tuple[torch.Tensor, ...]
     feature_index: int
     layers: nn.ModuleList
     attention_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    projected: torch.Tensor | None = None
 
     @property
     def features(self) -> torch.Tensor:
@@ -48,11 +52,15 @@ class TowerReduction:
     ``needs_cls``: the method reads a CLS token (refused on towers without one). ``attention_layers``: offsets,
     from the feature layer, of the layers whose attention input the method reads (0: the feature layer's own,
     1: the next one). ``tower_context`` may patch the tower while it runs (ToMe merges inside every block).
+    ``after_projector``: the method reduces the projected tokens (``TowerRun.projected``) instead, and ``reduce``
+    returns tokens for the language model, which are not projected again (a baseline's placement after the
+    projector, e.g. ``tome_after_projector``).
     """
 
     name: str
     needs_cls: bool = True
     attention_layers: tuple[int, ...] = ()
+    after_projector: bool = False
 
     def tower_context(
         self, layers: nn.ModuleList, feature_layer: int, config: Any
@@ -61,7 +69,8 @@ class TowerReduction:
         return contextlib.nullcontext()
 
     def reduce(self, run: TowerRun, config: Any) -> torch.Tensor:
-        """``(n, num_retained + num_skipped, width)`` features for the projector, R first."""
+        """``(n, num_retained + num_skipped, width)`` features for the projector, R first (with
+        :attr:`after_projector`: the language model's tokens)."""
         raise NotImplementedError
 
 

@@ -63,10 +63,17 @@ class LlavaFamily(Family):
                 f"tower_reduction={config.tower_reduction!r} reads tower layers {wanted}; the tower has {len(layers)}"
             )
         seen, hooks = capture_attention_inputs(layers, wanted)
+        pixels = pixel_values.to(inner.vision_tower.dtype)
+        projected = None
         with hooks, reduction.tower_context(layers, feature_index - 1, config):
-            out = inner.vision_tower(pixel_values.to(inner.vision_tower.dtype), output_hidden_states=True)
-        features = reduction.reduce(TowerRun(out.hidden_states, feature_index, layers, seen), config)
-        tokens = inner.multi_modal_projector(features)
+            if reduction.after_projector:  # HF's own selected and projected features
+                out = inner.get_image_features(pixel_values=pixels, output_hidden_states=True, return_dict=True)
+                projected = torch.stack(list(out.pooler_output))
+            else:
+                out = inner.vision_tower(pixels, output_hidden_states=True)
+        run = TowerRun(out.hidden_states, feature_index, layers, seen, projected)
+        features = reduction.reduce(run, config)
+        tokens = features if reduction.after_projector else inner.multi_modal_projector(features)
         return [ImageTokens(tokens[i], tokens.shape[1]) for i in range(tokens.shape[0])]
 
     def configure_processor(
