@@ -10,9 +10,8 @@ from conftest import IMAGE_TOKEN_ID, pair, prompts
 import skipvision
 from skipvision import flops as F
 from skipvision.harness import measure
-from skipvision.peers import token_drop, tome, tome_after_projector, visionzip
+from skipvision.peers import fastervlm, prumerge, token_drop, tome, tome_after_projector, visionzip
 from skipvision.skip_kv import skip_kv_state
-from skipvision.tower_reduction import tower_reduction
 
 
 def _visual_tokens(model) -> int:
@@ -65,8 +64,15 @@ def test_visionzip_largest_budget_drops_only_the_least_attended_patch():
     "cfg",
     # in-tower ToMe (tome) is not here: its tower runs fewer tokens after each merge, which the FLOPs model does not
     # count yet, and 64 -> 10 needs three merging layers (this tower has one before its features)
-    [visionzip(6, 4), tome_after_projector(10), token_drop(10, "random"), token_drop(10, "position")],
-    ids=["visionzip", "tome_after_projector", "drop-random", "drop-position"],
+    [
+        visionzip(6, 4),
+        fastervlm(10),
+        prumerge(10),
+        tome_after_projector(10),
+        token_drop(10, "random"),
+        token_drop(10, "position"),
+    ],
+    ids=["visionzip", "fastervlm", "prumerge", "tome_after_projector", "drop-random", "drop-position"],
 )
 def test_budget_tokens_run_full_blocks_and_flops_match(cfg):
     vanilla, model = pair(cfg)
@@ -90,13 +96,7 @@ def test_budget_tokens_run_full_blocks_and_flops_match(cfg):
     shape = skipvision.family_of(model).model_shape(model.config)
     counts = F.sequence_counts(shape, int((ids[0] != IMAGE_TOKEN_ID).sum()), 1, cfg)
     lm = F.language_flops(shape, counts, logits=counts.attention_length, causal=False, skip_layers=cfg.skip_layers)
-    vision = sum(F.vision_flops(shape, 1).values()) + F.skip_vision_overhead(shape, cfg, 1)
-    if cfg.tower_reduction == "visionzip":
-        # flops.py does not count this tower reduction yet: the projector runs on the kept tokens only, and the
-        # reduction adds its own matmuls (its overhead_flops)
-        v, heads = shape.vision, model.config.vision_config.num_attention_heads
-        vision += tower_reduction(cfg.tower_reduction).overhead_flops(v.hidden, v.tokens, heads, cfg)
-        vision -= F.projector_flops(v, shape.text.hidden, shape.visual_tokens - cfg.num_image_tokens)
+    vision = sum(F.vision_flops(shape, 1, cfg).values()) + F.skip_vision_overhead(shape, cfg, 1)
     assert abs(2 * (sum(lm.values()) + vision) / total - 1) <= 0.02
     # and fewer than vanilla's
     vanilla_counts = F.sequence_counts(shape, counts.text, 1, None)

@@ -21,6 +21,7 @@ from typing import Any
 from .config import SkipVisionConfig
 from .drop_schedule import visual_per_layer
 from .selection import selection_strategy
+from .tower_reduction import tower_reduction
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class VisionShape:
     merge: int = 1  # Qwen-VL's patch merger: merge x merge patches -> one token (an MLP on their concatenation)
     temporal_patch: int = 1  # frames per patch (Qwen-VL embeds still images as 2 identical frames)
     gated_mlp: bool = False  # SwiGLU MLP (three matrices; Qwen2.5-VL's tower) instead of two
+    heads: int = 16  # attention heads (a tower reduction's per-head key means)
 
     @property
     def tokens(self) -> int:
@@ -116,11 +118,16 @@ def projector_flops(v: VisionShape, text_hidden: int, tokens: int) -> int:
     return 2 * tokens * (v.hidden * v.feature_layers * text_hidden + text_hidden * text_hidden)
 
 
-def vision_flops(shape: ModelShape, images: int = 1) -> dict[str, int]:
+def vision_flops(shape: ModelShape, images: int = 1, cfg: SkipVisionConfig | None = None) -> dict[str, int]:
+    """Tower and projector FLOPs; a tower reduction before the projector projects only the tokens it keeps (the
+    tower itself is counted whole: ToMe's shrinking tower is not modelled, an upper bound)."""
     passes = images * shape.towers_per_image
+    projected = shape.visual_tokens
+    if cfg is not None and cfg.tower_reduction is not None and not tower_reduction(cfg.tower_reduction).after_projector:
+        projected = cfg.num_image_tokens
     return {
         "tower": passes * tower_pass_flops(shape.vision),
-        "projector": images * projector_flops(shape.vision, shape.text.hidden, shape.visual_tokens),
+        "projector": images * projector_flops(shape.vision, shape.text.hidden, projected),
     }
 
 
@@ -131,6 +138,8 @@ def skip_vision_overhead(shape: ModelShape, cfg: SkipVisionConfig, images: int =
     if cfg.in_place:
         return 0  # grid or position selection, nothing merged or pooled
     v, d = shape.vision, shape.text.hidden
+    if cfg.tower_reduction is not None:  # a peer method's own matmuls
+        return images * tower_reduction(cfg.tower_reduction).overhead_flops(v.hidden, v.tokens, v.heads, cfg)
     layout = cfg.image_layout(shape.visual_tokens, shape.eligible)
     total = 0
     if layout.retained < shape.eligible:  # the selection ranks the base pass's tokens
@@ -241,7 +250,7 @@ def report(
         present = visual_per_layer(visual, drop, shape.text.layers, options["llm_drop_rule"])
         context -= visual - sum(present) / shape.text.layers
     decode = sum(decode_step_flops(shape, context + t) for t in range(new_tokens))
-    vision = vision_flops(shape, images)
+    vision = vision_flops(shape, images, cfg)
     if cfg is not None:
         vision["skip_vision_overhead"] = skip_vision_overhead(shape, cfg, images)
     return {

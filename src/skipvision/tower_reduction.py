@@ -62,6 +62,11 @@ class TowerReduction:
     attention_layers: tuple[int, ...] = ()
     after_projector: bool = False
 
+    def overhead_flops(self, hidden: int, tokens: int, heads: int, config: Any) -> int:
+        """Matmul FLOPs one tower pass of ``tokens`` (CLS included) adds beyond the tower and the projector, for the
+        analytic FLOPs model (0 unless the method says; ToMe's matching is not modelled)."""
+        return 0
+
     def tower_context(
         self, layers: nn.ModuleList, feature_layer: int, config: Any
     ) -> contextlib.AbstractContextManager:

@@ -238,7 +238,14 @@ def vision_shape(config: Any, cls: bool) -> VisionShape:
     layers = getattr(config, "vision_feature_layer", -1)
     feature_layers = 1 if isinstance(layers, int) else len(layers)
     return VisionShape(
-        v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.image_size, v.patch_size, cls, feature_layers
+        v.hidden_size,
+        v.intermediate_size,
+        v.num_hidden_layers,
+        v.image_size,
+        v.patch_size,
+        cls,
+        feature_layers,
+        heads=v.num_attention_heads,
     )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..config import SkipVisionConfig
-from ..selection import cls_attention_scores
+from ..selection import cls_attention_scores, selection_strategy
 from ..tower_reduction import TowerReduction, TowerRun, register_reduction
 from .base import before_projector
 
@@ -31,6 +31,10 @@ class FasterVLMReduction(TowerReduction):
         patches = run.features[:, 1:]
         kept = scores.topk(config.num_retained, dim=-1).indices.sort(dim=-1).values  # raster order
         return patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+
+    def overhead_flops(self, hidden: int, tokens: int, heads: int, config: SkipVisionConfig) -> int:
+        """The CLS query and every key of the feature layer, and the CLS row of logits."""
+        return selection_strategy("cls_attention").overhead_flops(hidden, tokens)
 
 
 register_reduction(FasterVLMReduction())
