@@ -100,7 +100,8 @@ class SkipVisionConfig:
             later layer and its cache (FastV, PyramidDrop; see ``skipvision.llm_drop``). Needs no skipped tokens
             (``skip_layers=()`` or ``num_retained=None``) and ``skip_kv_cache=False``.
         llm_drop_rule: how ``llm_drop`` ranks, counts and places the tokens it keeps: ``"fastv"``, ``"pyramid_drop"``
-            (the official PyramidDrop) or ``"pyramid_drop_true_positions"`` (a named departure); see
+            (the official PyramidDrop), ``"pyramid_drop_true_positions"`` (a named departure) or ``"sparsevlm"``
+            (the official SparseVLM v1.5: text raters, recycled clusters; batch 1, inference only); see
             ``drop_schedule.DROP_RULES``.
         tower_reduction: a peer method's token reduction before the projector (``"visionzip"``, ``"prumerge"``,
             ``"tome"`` ...; see ``skipvision.tower_reduction`` and ``skipvision.peers``): it hands the language model

@@ -1,6 +1,6 @@
-"""A drop schedule (FastV, PyramidDrop): ``((layer, keep), ...)``, after decoder layer ``layer`` keep the fraction
-``keep`` of each sample's visual tokens. Its checks and its token counts, torch-free: ``config.py`` checks a schedule
-with them, the FLOPs model counts with them and ``llm_drop.py`` (the mechanism) drops by them."""
+"""A drop schedule (FastV, PyramidDrop, SparseVLM): ``((layer, keep), ...)``, after decoder layer ``layer`` keep the
+fraction ``keep`` of each sample's visual tokens. Its checks and its token counts, torch-free: ``config.py`` checks a
+schedule with them, the FLOPs model counts with them and ``llm_drop.py`` (the mechanism) drops by them."""
 
 from __future__ import annotations
 
@@ -40,8 +40,17 @@ def check_schedule(schedule: Any, num_layers: int | None = None) -> tuple[tuple[
 #: ``pyramid_drop``: the official PyramidDrop: rank by layer ``l + 1``'s attention (its input norm and q/k) on layer
 #: ``l``'s output, keep ``int(keep * N)`` (may be 0), average the queries before every answer in training, and
 #: renumber the positions after each drop; ``pyramid_drop_true_positions``: the same with true positions kept (a
-#: departure from the official code, for M-RoPE families, whose 3-D positions the official code has no rule for)
-DROP_RULES = ("fastv", "pyramid_drop", "pyramid_drop_true_positions")
+#: departure from the official code, for M-RoPE families, whose 3-D positions the official code has no rule for);
+#: ``sparsevlm``: the official SparseVLM v1.5 (batch 1, inference): rank by the mean attention of the text raters
+#: (picked once from the input embeddings) in layer ``l`` on its input, keep the top ``round(keep * N)`` but at most
+#: all present visual tokens but one, recycle the best-scored 30 % of the dropped ones into DPC-KNN clusters placed
+#: after the kept visual tokens (new tokens: they count as visual tokens from then on), renumber the positions
+DROP_RULES = ("fastv", "pyramid_drop", "pyramid_drop_true_positions", "sparsevlm")
+
+#: SparseVLM's token recycling (modelling_sparse_llama.py:282-286): the top ``int(RECYCLE_SHARE * dropped) + 1`` of
+#: the dropped tokens by score are clustered into ``int(recycled / CLUSTER_DIVISOR) + 1`` tokens
+RECYCLE_SHARE = 0.3
+CLUSTER_DIVISOR = 10
 
 
 def check_rule(rule: Any) -> str:
@@ -55,27 +64,58 @@ def ranks_with_next_layer(rule: str) -> bool:
 
 
 def renumbers_positions(rule: str) -> bool:
-    return rule == "pyramid_drop"
+    return rule in ("pyramid_drop", "sparsevlm")
+
+
+def recycles(rule: str) -> bool:
+    """Whether a drop adds new (recycled) tokens to the sequence: SparseVLM's clusters of dropped tokens."""
+    return rule == "sparsevlm"
 
 
 def kept_count(visual: int, keep: float, rule: str = "fastv") -> int:
     """Visual tokens a sample with ``visual`` of them keeps at fraction ``keep``: FastV rounds (at least 1 if any),
-    PyramidDrop truncates (``int``, as its official code)."""
+    PyramidDrop truncates (``int``, as its official code), SparseVLM rounds (its official counts are fractions of 576
+    here, which rounding gives back exactly; :func:`stage_counts` caps them by the tokens present)."""
     if ranks_with_next_layer(rule):
         return min(visual, int(keep * visual))
+    if recycles(rule):
+        return min(visual, round(keep * visual))
     return min(visual, max(1 if visual else 0, round(keep * visual)))
+
+
+def recycled_counts(dropped: int) -> tuple[int, int]:
+    """``(recycled, clusters)`` of SparseVLM's recycling of ``dropped`` tokens (modelling_sparse_llama.py:282-286):
+    the best-scored ``int(0.3 * dropped) + 1`` are clustered into ``int(recycled / 10) + 1``; none without drops."""
+    if dropped <= 0:
+        return 0, 0
+    recycled = int(dropped * RECYCLE_SHARE) + 1
+    return recycled, int(recycled / CLUSTER_DIVISOR) + 1
+
+
+def stage_counts(present: int, visual: int, keep: float, rule: str = "fastv") -> tuple[int, int]:
+    """``(kept, added)`` at a drop for a sample with ``visual`` visual tokens, ``present`` of them (recycled ones
+    included) in the dropping layer's input: the tokens kept, and the recycled tokens added after them. SparseVLM
+    keeps ``min(count, present - 1)`` (score.py:41: its top-k always drops one at least) and always recycles."""
+    kept = kept_count(visual, keep, rule)
+    if not recycles(rule):
+        return kept, 0
+    if present == 0:  # score.py:43-45: nothing to rank, nothing dropped
+        return 0, 0
+    kept = min(kept, present - 1)
+    return kept, recycled_counts(present - kept)[1]
 
 
 def visual_per_layer(
     visual: int, schedule: tuple[tuple[int, float], ...], num_layers: int, rule: str = "fastv"
 ) -> list[int]:
-    """Visual tokens in each layer's input for a sample with ``visual`` of them (the FLOPs model's count)."""
+    """Visual tokens in each layer's input for a sample with ``visual`` of them (the FLOPs model's count); a dropping
+    layer runs on what it had, the next on what it kept plus what it recycled (SparseVLM's clusters)."""
     counts, present = [], visual
     stages = dict(schedule)
     for layer in range(num_layers):
         counts.append(present)
         if layer in stages:
-            present = kept_count(visual, stages[layer], rule)
+            present = sum(stage_counts(present, visual, stages[layer], rule))
     return counts
 
 

@@ -350,13 +350,20 @@ class SkipVisionMixin(PrefillMixin):
             raise NotImplementedError("assisted and prompt-lookup decoding are not supported with llm_drop")
         rule = plan.cfg.llm_drop_rule
         if renumbers_positions(rule) and self.skip_vision_family.uses_mrope:
+            # PyramidDrop has a named departure for M-RoPE; SparseVLM's v1.5 renumbering has none
+            remedy = (
+                "use llm_drop_rule='pyramid_drop_true_positions' (a named departure: true positions kept)"
+                if ranks_with_next_layer(rule)
+                else "SparseVLM is offered for 1-D RoPE language models only"
+            )
             raise NotImplementedError(
-                f"llm_drop_rule={rule!r} renumbers 1-D positions after each drop, as the official PyramidDrop does; "
-                f"{type(self).__name__} has M-RoPE positions, for which the official code has no rule: use "
-                "llm_drop_rule='pyramid_drop_true_positions' (a named departure: true positions kept)"
+                f"llm_drop_rule={rule!r} renumbers 1-D positions after each drop, as its official code does; "
+                f"{type(self).__name__} has M-RoPE positions, for which the official code has no rule: {remedy}"
             )
         mask_2d = plan.padding_mask
         mask = mask_2d if isinstance(mask_2d, torch.Tensor) and mask_2d.shape == visual.shape else None
+        if llm_drop.recycles(rule):  # SparseVLM: batch 1, one image, inference, as its official code
+            llm_drop.check_recycling_prefill(visual, mask, labels, self.training)
         queries, valid = llm_drop.query_indices(mask, labels, visual.shape, every_answer=ranks_with_next_layer(rule))
         family = self.skip_vision_family
         return llm_drop.DropPlan(

@@ -32,6 +32,7 @@ from .fastervlm import fastervlm
 from .fastv import fastv
 from .prumerge import prumerge, prumerge_plus
 from .pyramid_drop import pyramid_drop
+from .sparsevlm import sparsevlm
 from .token_drop import token_drop
 from .tome import tome, tome_after_projector
 from .visionzip import visionzip
@@ -44,6 +45,7 @@ PEERS = {
     "fastv": fastv,
     "fastervlm": fastervlm,
     "pyramid_drop": pyramid_drop,
+    "sparsevlm": sparsevlm,
     "prumerge": prumerge,
     "prumerge_plus": prumerge_plus,
 }
@@ -55,6 +57,7 @@ __all__ = [
     "prumerge",
     "prumerge_plus",
     "pyramid_drop",
+    "sparsevlm",
     "token_drop",
     "tome",
     "tome_after_projector",
