@@ -24,7 +24,19 @@ from .families.qwen2_5_vl import SkipVisionQwen2_5_VLForConditionalGeneration
 from .families.qwen3_vl import SkipVisionQwen3VLForConditionalGeneration
 from .merge import bipartite_merge
 from .model import SkipVisionMixin
-from .peers import PEERS, fastv, pyramid_drop, token_drop, tome, visionzip
+from .peers import (
+    PEERS,
+    fastervlm,
+    fastv,
+    prumerge,
+    prumerge_plus,
+    pyramid_drop,
+    sparsevlm,
+    token_drop,
+    tome,
+    tome_after_projector,
+    visionzip,
+)
 from .placeholders import skipped_token_mask
 from .summary import SummaryScorer
 
@@ -48,16 +60,21 @@ __all__ = [
     "configure_processor",
     "convert",
     "family_of",
+    "fastervlm",
     "fastv",
     "from_pretrained",
     "in_place_config",
     "load_processor",
     "num_image_tokens",
+    "prumerge",
+    "prumerge_plus",
     "pyramid_drop",
     "save_processor",
     "skipped_token_mask",
+    "sparsevlm",
     "token_drop",
     "tome",
+    "tome_after_projector",
     "vanilla_config",
     "vision_facts",
     "visionzip",
