@@ -58,7 +58,7 @@ class Server:
 
         self.name, self.model, self.port = name, str(model), _free_port()
         self.log = log.open("w")
-        command = [sys.executable, "-m", "skipvision.harness.serve", self.model, "--port", str(self.port)]
+        command = [sys.executable, "-m", "skipvision", "serve", self.model, "--port", str(self.port)]
         self.process = subprocess.Popen([*command, "--device", device], stdout=self.log, stderr=subprocess.STDOUT)
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0)
         self.log_path = log

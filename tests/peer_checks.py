@@ -31,3 +31,12 @@ def check_cached_decoding(model, ids: torch.Tensor, pixels: torch.Tensor, new_to
         logits = model(input_ids=sequence, pixel_values=pixels, use_cache=False).logits
         sequence = torch.cat([sequence, logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out, sequence)
+
+
+#: methods whose settings cannot land near every budget on the tiny model, and why
+COARSE = {
+    # each tower layer's bipartite matching at most halves the tokens; tiny's one merging layer stops at 72 of 144
+    "tome": "ToMe in the tower",
+    # PruMerge+'s spatially uniform extra tokens come from a stride grid: its token counts are a discrete set
+    "prumerge_plus": "PruMerge+",
+}

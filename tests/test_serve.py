@@ -87,7 +87,7 @@ class Server:
         self.model, self.log_path, self.port = str(model), log, _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log.open("w")
-        command = [sys.executable, "-m", "skipvision.harness.serve", self.model, "--port", str(self.port)]
+        command = [sys.executable, "-m", "skipvision", "serve", self.model, "--port", str(self.port)]
         self.process = subprocess.Popen([*command, "--device", "cpu"], stdout=self.log, stderr=subprocess.STDOUT)
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
@@ -235,7 +235,7 @@ def test_refuses_a_checkpoint_whose_processor_disagrees(checkpoints):
         os.symlink(path, mismatched / path.name)
     (mismatched / "processor_config.json").unlink()  # the vanilla model's processor next to Skip-Vision weights
     os.symlink(vanilla / "processor_config.json", mismatched / "processor_config.json")
-    command = [sys.executable, "-m", "skipvision.harness.serve", str(mismatched), "--port", str(_free_port())]
+    command = [sys.executable, "-m", "skipvision", "serve", str(mismatched), "--port", str(_free_port())]
     out = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr

@@ -92,6 +92,11 @@ class SkipVisionMixin(PrefillMixin):
                 f"{type(self).__name__} supports only layout='inplace' (every visual token stays where HF's processor "
                 "put it); the full layout needs a family module that assembles its images"
             )
+        if cfg.tower_reduction is not None and not self.skip_vision_family.supports_tower_reduction:
+            raise ValueError(
+                f"tower_reduction={cfg.tower_reduction!r} is not available for {type(self).__name__}: it runs on "
+                "towers whose one pass per image yields the image's tokens (LLaVA-1.5)"
+            )
         cfg.check_against(self.skip_vision_facts())
         self.config.skip_vision = cfg.to_dict()
         layers = self.skip_vision_family.decoder_layers(self)

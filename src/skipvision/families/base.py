@@ -41,6 +41,8 @@ class Family:
     supports_full_layout: ClassVar[bool] = True
     #: positions are M-RoPE ``(3 or 4, batch, seq)`` ids, not 1-D ones
     uses_mrope: ClassVar[bool] = False
+    #: the family runs a peer's reduction before the projector (``reduced_image_tokens``)
+    supports_tower_reduction: ClassVar[bool] = False
 
     # --- structure ----------------------------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:

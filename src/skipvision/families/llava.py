@@ -24,6 +24,7 @@ class LlavaFamily(Family):
     model_type = "llava"
     hf_class = LlavaForConditionalGeneration
     processor_class = LlavaProcessor
+    supports_tower_reduction = True
 
     def vision_facts(self, config: PretrainedConfig) -> VisionFacts:
         visual = self.tokens_per_tower_pass(config)

@@ -1,4 +1,4 @@
-"""``skipvision`` command line: init-model, make-data, train, eval, generate, flops, bench, demo, compare."""
+"""``skipvision`` command line: init-model, make-data, train, eval, generate, flops, bench, demo, compare, serve."""
 
 from __future__ import annotations
 
@@ -614,6 +614,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         preset=args.preset,
         ablations=ABLATIONS if args.ablations == [] else tuple(args.ablations or ()),
         seed=args.seed,
+        seeds=args.seeds,
+        budget_tokens=tuple(dict.fromkeys(args.budget_tokens or ())),  # each budget once, in the order given
         model=Path(args.model) if args.model else None,
         train_data=Path(args.data) if args.data else None,
         test_data=Path(args.test_data) if args.test_data else None,
@@ -795,7 +797,10 @@ def _add_compare(add: Callable[..., argparse.ArgumentParser]) -> None:
     full, fast = FULL_DEFAULTS, QUICK
     show = lambda key, f=str: f"(default: {f(full[key])}; --quick: {f(fast[key])})"  # noqa: E731
     budgets = lambda values: " ".join(f"{v:g}" for v in values)  # noqa: E731
-    p = add("compare", help="Skip-Vision vs FastV, PyramidDrop, VisionZip, ToMe, token drop at matched FLOPs budgets")
+    p = add(
+        "compare",
+        help="Skip-Vision vs FastV, PyramidDrop, VisionZip, ToMe, token drop at matched FLOPs and visual-token budgets",
+    )
     p.add_argument("--out", default="./skipvision-compare", help="output folder (finished rows are kept: resumable)")
     p.add_argument("--preset", default="tiny", choices=presets, help="model preset (its Skip-Vision setting)")
     p.add_argument("--model", help="checkpoint every run starts from (default: the preset's random init)")
@@ -815,6 +820,15 @@ def _add_compare(add: Callable[..., argparse.ArgumentParser]) -> None:
         nargs="+",
         help="budgets (among --budgets) trained with the method on; 'all': every one (default: the middle budget)",
     )
+    p.add_argument(
+        "--budget-tokens",
+        type=positive_int,
+        nargs="+",
+        metavar="N",
+        help="also match every method to N visual tokens per image (the layer-average count of visual tokens that run "
+        "full decoder blocks: Skip-Vision's N_r, the tokens a pre-LLM peer hands the LLM, FastV/PyramidDrop's mean "
+        "over layers), in both regimes; Skip-Vision at N_r = N and the preset's N_s",
+    )
     p.add_argument("--ablations", nargs="*", help="also Skip-Vision's ablations, fine-tuned (no names: all of them)")
     p.add_argument("--steps", type=positive_int, help=f"training steps per run {show('steps')}")
     p.add_argument("--n", type=int_at_least(2), help=f"examples of the embedded dataset {show('num_examples')}")
@@ -825,12 +839,37 @@ def _add_compare(add: Callable[..., argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="train and evaluate every row with seeds --seed .. --seed + N - 1 (each seed's rows kept apart, "
+        "resumable); the table shows mean ± standard deviation, and with 1 seed the binomial standard error "
+        "(default: 1)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="a few minutes: one budget, only vanilla and Skip-Vision trained, short runs, a slice of the test set "
         "(the run lists what it leaves out); options given explicitly still apply",
     )
     p.set_defaults(func=cmd_compare)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve import run
+
+    code = run(args)  # returns when the server has shut down; 2: it refused to start (the reason printed)
+    if code:
+        raise SystemExit(code)
+
+
+def _add_serve(add: Callable[..., argparse.ArgumentParser]) -> None:
+    from .serve import DESCRIPTION, add_arguments
+
+    p = add("serve", help=DESCRIPTION)
+    add_arguments(p)
+    p.set_defaults(func=cmd_serve)
 
 
 #: each command's parser, in the order ``--help`` lists them
@@ -845,6 +884,7 @@ COMMANDS = (
     _add_generate,
     _add_demo,
     _add_compare,
+    _add_serve,
 )
 
 

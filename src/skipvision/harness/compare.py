@@ -2,20 +2,29 @@
 
 For a preset's tiny model and the embedded dataset (or the user's LLaVA-format data), every method is set to each
 inference-FLOPs budget (a fraction of vanilla's language-model prefill FLOPs, matched with the analytic FLOPs model
-over the method's own knob) and evaluated in two regimes:
+over the method's own knob) and, with ``budget_tokens``, to each visual-token budget (``visual_token_count``: the
+layer-average number of visual tokens per image that run full decoder blocks, as the paper's comparison table
+counts them), and evaluated in two regimes:
 
 * ``training-free``: the method applied to the vanilla-trained checkpoint;
 * ``fine-tuned``: the model trained from the same initialisation with the method on (same data, steps, seed).
 
 Each row records exact-match accuracy (overall and per question type), analytic prefill / training FLOPs of real
 batches, prefill / decode / train-step time and KV-cache bytes measured side by side with vanilla, and is written
-to its own JSON file as soon as it is done, so an interrupted run resumes where it stopped. The run ends with
-``compare.json``, ``compare.md`` and ``compare.png`` (accuracy vs prefill FLOPs, one line per method and regime).
+to its own JSON file as soon as it is done, so an interrupted run resumes where it stopped. With ``seeds`` > 1 every
+row (vanilla included) is trained and evaluated once per seed (``seed``, ``seed + 1``, ...), each seed's rows cached
+apart; the table shows the mean and standard deviation over seeds (one seed: the binomial standard error of the
+test sample) and calls a difference a difference only when it is larger than that spread (``compare_accuracies``).
+The run ends with ``compare.json`` (every seed's result), ``compare.md`` and ``compare.png`` (accuracy vs prefill
+FLOPs, one line per method and regime, with error bars).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -27,15 +36,47 @@ from tqdm.auto import tqdm
 from .. import flops as F
 from ..api import family_of, from_pretrained, load_processor
 from ..config import SkipVisionConfig, vanilla_config
-from ..peers import fastv, pyramid_drop, token_drop, tome, visionzip
+from ..drop_schedule import visual_per_layer
+from ..families.base import Family
+from ..peers import (
+    fastervlm,
+    fastv,
+    prumerge,
+    prumerge_plus,
+    pyramid_drop,
+    sparsevlm,
+    token_drop,
+    tome,
+    tome_after_projector,
+    visionzip,
+)
+from ..peers.prumerge import prumerge_plus_budgets
+from ..peers.tome import smallest_reachable
 from . import measure
 from .bench import BenchSettings, make_inputs, measure_interleaved, ratio
 from .data import LlavaCollator, LlavaJsonDataset, first_batch, make_dataset, prior_accuracy
 from .evaluate import evaluate
-from .presets import get_preset, init_model
+from .presets import QWEN_FAMILIES, get_preset, init_model
 from .train import TrainConfig, load_for_training, read_manifest, save_atomically, train, write_json_atomically
 
-METHODS = ("skip_vision", "fastv", "pyramid_drop", "visionzip", "tome", "drop_random", "drop_position")
+METHODS = (
+    "skip_vision",
+    "fastv",
+    "pyramid_drop",
+    "sparsevlm",
+    "visionzip",
+    "fastervlm",
+    "prumerge",
+    "prumerge_plus",
+    "tome",
+    "tome_after_projector",
+    "drop_random",
+    "drop_position",
+)
+#: methods before the projector (``tower_reduction``): only on families that run them (LLaVA-1.5)
+TOWER_METHODS = ("visionzip", "fastervlm", "prumerge", "prumerge_plus", "tome", "tome_after_projector")
+#: training-free methods whose official code runs one prompt at a time (batch 1, inference only)
+BATCH1_METHODS = ("sparsevlm",)
 REGIMES = ("training-free", "fine-tuned")
 DEFAULT_BUDGETS = (0.25, 0.4, 0.6)
 #: Skip-Vision ablations (fine-tuned at the preset's own setting), method.md sections 6.6 and 7
@@ -72,6 +113,8 @@ class CompareSettings:
     train_data: Path | None = None  # LLaVA-format JSON (default: the embedded dataset, generated)
     test_data: Path | None = None
     notes: tuple[str, ...] = ()  # what this run leaves out of the full comparison (``quick``), printed and saved
+    budget_tokens: tuple[int, ...] = ()  # visual-token budgets (``visual_token_count``), besides the FLOPs budgets
+    seeds: int = 1  # every row trained and evaluated with seeds seed, seed + 1, ..., seed + seeds - 1
 
 
 #: the full run's settings that ``--quick`` changes (the CLI shows both in ``--help``)
@@ -152,7 +195,7 @@ def check_settings(settings: CompareSettings) -> None:
     unknown = sorted(set(settings.ablations) - set(ABLATIONS))
     if unknown:
         raise ValueError(f"unknown ablation(s) {unknown}; choose from {ABLATIONS}")
-    for name in ("steps", "timing_repeats"):
+    for name in ("steps", "timing_repeats", "seeds"):
         if getattr(settings, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(settings, name)}")
     if settings.num_examples < 2:
@@ -161,7 +204,12 @@ def check_settings(settings: CompareSettings) -> None:
         raise ValueError(f"eval_limit must be at least 1 (or None for every record), got {settings.eval_limit}")
     if (settings.train_data is None) != (settings.test_data is None):
         raise ValueError("give both a training and a test LLaVA JSON (--data and --test-data), or neither")
-    get_preset(settings.preset)
+    spec = get_preset(settings.preset)
+    # a fixed-size preset's tokens per image are known before its model is built; tiled and dynamic-resolution
+    # presets and a checkpoint of the user's are checked against the model's shape in ``plan_rows``
+    fixed = settings.model is None and not spec.grid and spec.family not in QWEN_FAMILIES
+    visual = spec.visual_tokens if fixed else None
+    check_token_budgets(settings.budget_tokens, visual, visual, settings.methods)
 
 
 # --- matching a method to a FLOPs budget ---------------------------------------------------------------------------
@@ -177,10 +225,20 @@ def method_configs(method: str, shape: F.ModelShape, preset_cfg: SkipVisionConfi
         return [fastv(f, layer=layer) for f in fractions]
     if method == "pyramid_drop":
         return [pyramid_drop(f, layers, stages=min(4, layers)) for f in fractions]
-    if method == "visionzip":  # the paper's 54 dominant : 10 contextual split
-        return [visionzip(n - round(n * 10 / 64), round(n * 10 / 64)) for n in range(1, visual + 1)]
-    if method == "tome":
-        return [tome(n) for n in range(1, visual + 1)]
+    if method == "sparsevlm":
+        return [sparsevlm(n, layers, visual) for n in range(1, visual)]
+    if method == "visionzip":  # the paper's 54 dominant : 10 contextual split (dominant counts CLS)
+        return [visionzip(n - round(n * 10 / 64), round(n * 10 / 64)) for n in range(2, visual + 1)]
+    if method == "fastervlm":
+        return [fastervlm(n) for n in range(1, visual + 1)]
+    if method == "prumerge":
+        return [prumerge(n) for n in range(1, visual + 1)]
+    if method == "prumerge_plus":
+        return [prumerge_plus(n) for n in prumerge_plus_budgets(visual)]
+    if method == "tome":  # inside the tower: the layers before the features (LLaVA: all but the last) can merge
+        return [tome(n) for n in range(smallest_reachable(visual, shape.vision.layers - 1), visual + 1)]
+    if method == "tome_after_projector":
+        return [tome_after_projector(n) for n in range(1, visual + 1)]
     if method in ("drop_random", "drop_position"):
         return [token_drop(n, method.removeprefix("drop_")) for n in range(1, visual + 1)]
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -203,6 +261,80 @@ def match_budget(
     """The setting of ``method`` whose prefill FLOPs ratio is closest to ``budget`` (and that ratio)."""
     ratios = [(prefill_ratio(shape, c, text_tokens), c) for c in method_configs(method, shape, preset_cfg)]
     return min(((c, r) for r, c in ratios), key=lambda pair: abs(pair[1] - budget))
+
+
+# --- matching a method to a visual-token budget ---------------------------------------------------------------------
+def visual_tokens_per_layer(shape: F.ModelShape, cfg: SkipVisionConfig | None) -> list[int]:
+    """Visual tokens of one image that run full decoder blocks (attention and FFN) in each decoder layer.
+
+    * vanilla (and a native config): every visual token (and LLaVA-NeXT's row newlines) in every layer;
+    * Skip-Vision: the N_r retained tokens in a layer where the skipped tokens bypass the FFN (every layer by
+      default), retained + skipped in the others (``skip_layers``); the two summary tokens are not counted;
+    * peers before the LLM (VisionZip, ToMe, token drop, FasterVLM): the tokens they hand the LLM, in every layer;
+    * peers inside the LLM (FastV, PyramidDrop, ``llm_drop``): the visual tokens present in each layer's input,
+      the FLOPs model's count (``drop_schedule.visual_per_layer``).
+    """
+    layers = shape.text.layers
+    if cfg is None or cfg.native:
+        drop, rule = (cfg.llm_drop, cfg.llm_drop_rule) if cfg is not None else ((), "fastv")
+        return visual_per_layer(shape.native_tokens, drop, layers, rule)
+    layout = cfg.image_layout(shape.visual_tokens, shape.eligible)
+    if cfg.llm_drop:  # nothing is skipped beside an in-LLM drop (config.py refuses it)
+        return visual_per_layer(layout.retained + layout.skipped, cfg.llm_drop, layers, cfg.llm_drop_rule)
+    skips = lambda layer: cfg.skip_layers is None or layer in cfg.skip_layers  # noqa: E731
+    return [layout.retained + (0 if skips(layer) else layout.skipped) for layer in range(layers)]
+
+
+def visual_token_count(shape: F.ModelShape, cfg: SkipVisionConfig | None) -> float:
+    """A setting's visual tokens, the unit of ``--budget-tokens``: the layer-average number of visual tokens per
+    image that run full decoder blocks (``visual_tokens_per_layer``). Skip-Vision counts its N_r, as the paper's
+    comparison table does (N_r = 64, N_s = 156 is "64 tokens"); a peer before the LLM counts what it hands the LLM;
+    FastV / PyramidDrop count the mean over decoder layers of the visual tokens present in each."""
+    counts = visual_tokens_per_layer(shape, cfg)
+    return sum(counts) / len(counts)
+
+
+def check_token_budgets(
+    tokens: tuple[int, ...], visual: int | None, eligible: int | None, methods: tuple[str, ...]
+) -> None:
+    """Token budgets are whole numbers of tokens per image, at most the model's ``visual`` tokens per image (with
+    ``eligible`` retainable; None: not known yet). Skip-Vision's row sets N_r to the budget, so there it must leave
+    at least one token to skip and be retainable."""
+    for target in tokens:
+        if isinstance(target, bool) or not isinstance(target, int) or target < 1:
+            raise ValueError(f"a token budget is a whole number of visual tokens per image >= 1, got {target!r}")
+        if visual is not None and target > visual:
+            raise ValueError(
+                f"--budget-tokens {target} is above the {visual} visual tokens of one image of this model: no "
+                f"method can keep more than every token (choose 1..{visual})"
+            )
+        if "skip_vision" not in methods:
+            continue
+        if (eligible is not None and target > eligible) or (visual is not None and target >= visual):
+            most = min(n for n in (eligible, None if visual is None else visual - 1) if n is not None)
+            raise ValueError(
+                f"--budget-tokens {target}: Skip-Vision's row retains N_r = {target} of each image's tokens, which "
+                f"leaves none to skip or is more than it may retain; choose at most {most} (or leave skip_vision "
+                "out of --methods)"
+            )
+
+
+def match_tokens(
+    method: str, target: int, shape: F.ModelShape, preset_cfg: SkipVisionConfig
+) -> tuple[SkipVisionConfig, float]:
+    """``method``'s setting whose ``visual_token_count`` is closest to ``target`` (and that count; a tie goes to the
+    first in ``method_configs``' order, the fewer tokens). Skip-Vision's row is the paper's: N_r = ``target`` and the
+    preset's N_s (fewer when fewer than N_s tokens remain to skip)."""
+    check_token_budgets((target,), shape.visual_tokens, shape.eligible, (method,))
+    if method == "skip_vision":
+        skipped = preset_cfg.num_skipped
+        if skipped is not None:
+            skipped = min(skipped, shape.visual_tokens - target)
+        cfg = replace(preset_cfg, num_retained=target, num_skipped=skipped)
+        return cfg, visual_token_count(shape, cfg)
+    counts = [(visual_token_count(shape, c), c) for c in method_configs(method, shape, preset_cfg)]
+    count, cfg = min(counts, key=lambda pair: abs(pair[0] - target))
+    return cfg, count
 
 
 def ablation_config(name: str, cfg: SkipVisionConfig, layers: int) -> SkipVisionConfig:
@@ -240,27 +372,78 @@ class Row:
     key: str  # file name of the row's result
     method: str
     regime: str
-    budget: float | None
+    budget: float | None  # a FLOPs budget; None: a token budget's or an ablation's row
     cfg: SkipVisionConfig | None  # None: vanilla
     matched_ratio: float | None = None
     steps: int | None = None  # training steps, when not the run's own
+    tokens: int | None = None  # the visual-token budget of a token budget's row
+
+
+def method_applies(method: str, family: Family, regime: str) -> str | None:
+    """Why ``method`` does not run on this family in this regime, or None when it does (refused rows are listed in
+    the run's output and its table, never dropped without a word)."""
+    if method in TOWER_METHODS and not family.supports_tower_reduction:
+        return f"{method}: reduces before the projector on one-pass towers (LLaVA-1.5), not on {family.name}"
+    if method in BATCH1_METHODS and regime == "fine-tuned":
+        return f"{method} fine-tuned: a training-free method (its official code has no training path)"
+    if method == "sparsevlm" and family.uses_mrope:
+        return f"{method}: renumbers 1-D positions as its official code does; {family.name} has M-RoPE positions"
+    return None
+
+
+def for_family(cfg: SkipVisionConfig, family: Family | None) -> SkipVisionConfig:
+    """A method's setting as it runs on ``family``: PyramidDrop takes its named true-positions departure on M-RoPE
+    families, whose 3-D positions the official code has no renumbering rule for."""
+    if family is not None and family.uses_mrope and cfg.llm_drop_rule == "pyramid_drop":
+        return replace(cfg, llm_drop_rule="pyramid_drop_true_positions")
+    return cfg
+
+
+def left_out(settings: CompareSettings, family: Family) -> list[str]:
+    """The (method, regime) pairs of these settings that do not run on ``family``, with the reason."""
+    reasons = {method_applies(m, family, r) for r in settings.regimes for m in _regime_methods(settings, r)}
+    return sorted(reason for reason in reasons if reason is not None)
+
+
+def _regime_methods(settings: CompareSettings, regime: str) -> tuple[str, ...]:
+    if regime == "fine-tuned" and settings.fine_tune_methods is not None:
+        return tuple(m for m in settings.methods if m in settings.fine_tune_methods)
+    return settings.methods
+
+
+def _applicable(settings: CompareSettings, regime: str, family: Family | None) -> tuple[str, ...]:
+    methods = _regime_methods(settings, regime)
+    return methods if family is None else tuple(m for m in methods if method_applies(m, family, regime) is None)
 
 
 def plan_rows(
-    settings: CompareSettings, shape: F.ModelShape, preset_cfg: SkipVisionConfig, text_tokens: int
+    settings: CompareSettings,
+    shape: F.ModelShape,
+    preset_cfg: SkipVisionConfig,
+    text_tokens: int,
+    family: Family | None = None,
 ) -> list[Row]:
+    """Vanilla; each regime's methods at each FLOPs budget (fine-tuned: at ``fine_tune_budgets``); each regime's
+    methods at each token budget (``<regime>-<method>-<N>tok``, fine-tuned at every token budget); the ablations."""
     rows = [Row("vanilla", "vanilla", "fine-tuned", 1.0, None, 1.0)]
     for regime in settings.regimes:
         budgets = settings.budgets
         if regime == "fine-tuned" and settings.fine_tune_budgets is not None:
             budgets = tuple(b for b in budgets if b in settings.fine_tune_budgets)
-        methods = settings.methods
-        if regime == "fine-tuned" and settings.fine_tune_methods is not None:
-            methods = tuple(m for m in methods if m in settings.fine_tune_methods)
         for budget in budgets:
-            for method in methods:
+            for method in _applicable(settings, regime, family):
                 cfg, matched = match_budget(method, budget, shape, preset_cfg, text_tokens)
-                rows.append(Row(f"{regime}-{method}-{budget:g}", method, regime, budget, cfg, matched))
+                rows.append(
+                    Row(f"{regime}-{method}-{budget:g}", method, regime, budget, for_family(cfg, family), matched)
+                )
+    check_token_budgets(settings.budget_tokens, shape.visual_tokens, shape.eligible, settings.methods)
+    for regime in settings.regimes:
+        for target in settings.budget_tokens:
+            for method in _applicable(settings, regime, family):
+                cfg, _ = match_tokens(method, target, shape, preset_cfg)
+                cfg = for_family(cfg, family)
+                ratio = prefill_ratio(shape, cfg, text_tokens)
+                rows.append(Row(f"{regime}-{method}-{target}tok", method, regime, None, cfg, ratio, tokens=target))
     unknown = sorted(set(settings.ablations) - set(ABLATIONS))
     if unknown:
         raise ValueError(f"unknown ablation(s) {unknown}; choose from {ABLATIONS}")
@@ -289,8 +472,18 @@ ROW_SETTINGS = (
 )
 
 
+def run_seeds(settings: CompareSettings) -> list[int]:
+    """The seeds every row runs with: ``seed``, ``seed + 1``, ..., ``seed + seeds - 1``."""
+    return [settings.seed + i for i in range(settings.seeds)]
+
+
 class Harness:
-    """Runs rows into ``out/rows/<key>.json``; a row whose file exists is not recomputed."""
+    """Runs rows into ``out/rows/<key>.json``; a row whose file exists is not recomputed.
+
+    A harness runs one seed (``self.seed``): the first seed's rows, runs and random initialisation live in ``out``
+    itself (as a one-seed comparison's), every other seed's in ``out/seed-<seed>`` (``for_seed``). A seed sets the
+    tiny model's random initialisation and the training order; the data and the test records are the first seed's
+    for all of them (a checkpoint given with ``--model`` is every seed's start)."""
 
     def __init__(self, settings: CompareSettings) -> None:
         self.s = settings
@@ -299,20 +492,34 @@ class Harness:
         check_settings(settings)
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_same_comparison()
-        (self.out / "rows").mkdir(exist_ok=True)
         if settings.train_data is not None:
             self.train_json, self.test_json = Path(settings.train_data), Path(settings.test_data)
         else:
             self.train_json, self.test_json = make_dataset(
                 self.out / "data", n=settings.num_examples, seed=settings.seed, image_size=self.spec.data_image_size
             )
-        base = self.out / "base"
-        if settings.model is not None:
-            self.base = Path(settings.model)
-        elif (base / "config.json").exists():
-            self.base = base
-        else:
-            self.base = init_model(settings.preset, base, seed=settings.seed)
+        self.seed, self.folder = settings.seed, self.out
+        self.base = self._base()
+
+    def _base(self) -> Path:
+        """Where this seed's trainings start: ``--model``, or the preset's random initialisation with this seed."""
+        (self.folder / "rows").mkdir(parents=True, exist_ok=True)
+        base = self.folder / "base"
+        if self.s.model is not None:
+            return Path(self.s.model)
+        if (base / "config.json").exists():
+            return base
+        return init_model(self.s.preset, base, seed=self.seed)
+
+    def for_seed(self, seed: int) -> Harness:
+        """The same comparison with ``seed``: its rows and runs in ``out/seed-<seed>`` (the first seed: ``out``)."""
+        if seed == self.seed:
+            return self
+        other = copy.copy(self)
+        other.seed = seed
+        other.folder = self.out if seed == self.s.seed else self.out / f"seed-{seed}"
+        other.base = other._base()
+        return other
 
     def _check_same_comparison(self) -> None:
         """A folder's finished rows are reused, so they must come from the same comparison: settings that change
@@ -335,11 +542,11 @@ class Harness:
             )
 
     def row_path(self, row: Row) -> Path:
-        return self.out / "rows" / f"{row.key}.json"
+        return self.folder / "rows" / f"{row.key}.json"
 
     def train(self, name: str, cfg: SkipVisionConfig | None, steps: int) -> dict[str, Any]:
         """Train (or, when this run already finished, read back) ``runs/<name>``; an unfinished one restarts."""
-        folder = self.out / "runs" / name
+        folder = self.folder / "runs" / name
         finished = bool((read_manifest(folder) or {}).get("finished"))
         return train(
             TrainConfig(
@@ -350,7 +557,7 @@ class Harness:
                 max_steps=steps,
                 batch_size=BATCH_SIZE,
                 learning_rate=LEARNING_RATE,
-                seed=self.s.seed,
+                seed=self.seed,
                 save_steps=steps,
                 logging_steps=max(steps // 10, 1),
                 resume=finished,
@@ -363,7 +570,7 @@ class Harness:
 
     def training_free_checkpoint(self, row: Row) -> Path:
         """The vanilla-trained weights with the method's settings (and its processor's image-token count)."""
-        path = self.out / "runs" / row.key / "final"
+        path = self.folder / "runs" / row.key / "final"
         if not path.exists():  # written whole or not at all
             save_atomically(*load_for_training(str(self.vanilla_checkpoint()), row.cfg), path)
         return path
@@ -375,6 +582,8 @@ class Harness:
             "method": row.method,
             "regime": row.regime,
             "budget": row.budget,
+            "budget_tokens": row.tokens,
+            "seed": self.seed,
             "matched_prefill_ratio": row.matched_ratio,
             "config": (row.cfg or vanilla_config()).to_dict(),
         }
@@ -395,8 +604,14 @@ class Harness:
         if summary is not None:
             result["train_seconds"] = summary["train_seconds"]
             result["train_step_seconds_in_training"] = summary["train_step_seconds"]
+        one_at_a_time = row.method in BATCH1_METHODS  # as its official code runs: one prompt per forward
         evaluation = evaluate(
-            checkpoint, self.test_json, limit=self.s.eval_limit, progress=False, skip_kv_cache=skip_kv
+            checkpoint,
+            self.test_json,
+            limit=self.s.eval_limit,
+            progress=False,
+            skip_kv_cache=skip_kv,
+            **({"batch_size": 1} if one_at_a_time else {}),
         )
         result.update(accuracy=evaluation["accuracy"], per_type=evaluation["per_type"], count=evaluation["count"])
         result["checkpoint"] = str(checkpoint)
@@ -447,7 +662,8 @@ class Harness:
         saved = json.loads(path.read_text()) if path.exists() else {}
         settings_rows = {}
         for r in results:
-            settings_rows.setdefault(json.dumps(r["config"], sort_keys=True), r)
+            if r["method"] not in BATCH1_METHODS:  # the timing runs a batch of 4 and a training step
+                settings_rows.setdefault(json.dumps(r["config"], sort_keys=True), r)
         if set(settings_rows) <= set(saved):
             return saved
         size = (self.spec.data_image_size, self.spec.data_image_size)
@@ -473,21 +689,31 @@ class Harness:
         return timings
 
     def run(self, rows: list[Row], progress: bool = True) -> list[dict[str, Any]]:
+        """Every row with every seed (seed by seed), each read back when its file exists, else run and saved."""
         results = []
-        bar = tqdm(rows, desc="compare", disable=not progress)
-        for row in bar:
-            bar.set_postfix_str(row.key)
-            path = self.row_path(row)
-            if path.exists():
-                results.append(json.loads(path.read_text()))
-                continue
-            result = self.run_row(row)
-            write_json_atomically(path, result)
-            results.append(result)
+        seeds = run_seeds(self.s)
+        bar = tqdm(total=len(rows) * len(seeds), desc="compare", disable=not progress)
+        for seed in seeds:
+            harness = self.for_seed(seed)
+            for row in rows:
+                bar.set_postfix_str(row.key if len(seeds) == 1 else f"{row.key} (seed {seed})")
+                results.append(harness.run_one(row))
+                bar.update()
+        bar.close()
         return results
 
+    def run_one(self, row: Row) -> dict[str, Any]:
+        path = self.row_path(row)
+        if path.exists():
+            result = json.loads(path.read_text())
+            result.setdefault("seed", self.seed)  # rows saved before seeds were recorded: a one-seed run's
+            return result
+        result = self.run_row(row)
+        write_json_atomically(path, result)
+        return result
 
-# --- report ---------------------------------------------------------------------------------------------------------
+
+# --- FLOPs ratios ---------------------------------------------------------------------------------------------------
 def add_relative(results: list[dict[str, Any]]) -> None:
     """Each row's prefill / training FLOPs as a fraction of the vanilla row's."""
     vanilla = next(r for r in results if r["key"] == "vanilla")
@@ -496,24 +722,113 @@ def add_relative(results: list[dict[str, Any]]) -> None:
         r["train_flops_ratio"] = r["train_flops"] / vanilla["train_flops"]
 
 
-def markdown(results: list[dict[str, Any]], chance: float | None = None, notes: tuple[str, ...] = ()) -> str:
-    types = sorted({t for r in results for t in r["per_type"]})
+# --- seeds and spread -------------------------------------------------------------------------------------------
+def binomial_stderr(accuracy: float, count: int) -> float:
+    """Standard error of an accuracy measured on ``count`` test records: sqrt(p (1 - p) / n)."""
+    return math.sqrt(accuracy * (1.0 - accuracy) / count) if count > 0 else 0.0
+
+
+def aggregate_seeds(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per key (in the order first seen) from every seed's result.
+
+    A row keeps its first seed's fields (config, FLOPs, times, checkpoint); ``accuracy`` and ``per_type`` become
+    means over the seeds, ``seeds`` / ``accuracies`` list each seed's, ``accuracy_std`` is the standard deviation
+    over seeds (n - 1 in the denominator; None with one seed), ``accuracy_stderr`` the binomial standard error of
+    the mean accuracy on the n test records, ``accuracy_spread`` what the table shows and differences are judged by
+    (the std with two seeds or more, else the standard error), and ``per_seed`` every seed's result as saved."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(r["key"], []).append(r)
+    rows = []
+    for runs in groups.values():
+        runs = sorted(runs, key=lambda r: r.get("seed") or 0)
+        accuracies = [r["accuracy"] for r in runs]
+        mean = statistics.fmean(accuracies)
+        types = sorted({t for r in runs for t in r["per_type"]})
+        std = statistics.stdev(accuracies) if len(runs) > 1 else None
+        stderr = binomial_stderr(mean, runs[0]["count"])
+        row = {k: v for k, v in runs[0].items() if k != "seed"}
+        row.update(
+            accuracy=mean,
+            per_type={t: statistics.fmean(r["per_type"][t] for r in runs if t in r["per_type"]) for t in types},
+            seeds=[r.get("seed") for r in runs],
+            accuracies=accuracies,
+            accuracy_std=std,
+            accuracy_stderr=stderr,
+            accuracy_spread=stderr if std is None else std,
+            per_seed=runs,
+        )
+        rows.append(row)
+    return rows
+
+
+def compare_accuracies(row: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """``row``'s accuracy minus ``reference``'s, and whether that is a difference. The rule: a difference only when
+    the absolute difference of the means is larger than the larger of the two rows' spreads (the standard deviation
+    over seeds; with one seed, the binomial standard error of the test sample); otherwise "within spread"."""
+    difference = row["accuracy"] - reference["accuracy"]
+    spread = max(row["accuracy_spread"], reference["accuracy_spread"])
+    return {
+        "reference": reference["key"],
+        "difference": difference,
+        "spread": spread,
+        "within_spread": abs(difference) <= spread,
+    }
+
+
+def skip_vision_key(row: dict[str, Any]) -> str | None:
+    """The key of the Skip-Vision row ``row`` is held against: Skip-Vision at the same FLOPs or token budget in the
+    same regime (an ablation: the preset's own row); None for vanilla and Skip-Vision's rows."""
+    if row["key"].startswith("ablation-"):
+        return None if row["key"] == "ablation-preset" else "ablation-preset"
+    if row["method"] in ("vanilla", "skip_vision"):
+        return None
+    tokens = row.get("budget_tokens")
+    budget = f"{tokens}tok" if tokens is not None else f"{row['budget']:g}"
+    return f"{row['regime']}-skip_vision-{budget}"
+
+
+def add_differences(rows: list[dict[str, Any]]) -> None:
+    """``vs_vanilla`` and ``vs_skip_vision`` (``compare_accuracies``; None where there is nothing to hold against)."""
+    by_key = {r["key"]: r for r in rows}
+    vanilla = by_key["vanilla"]
+    for r in rows:
+        r["vs_vanilla"] = None if r is vanilla else compare_accuracies(r, vanilla)
+        reference = by_key.get(skip_vision_key(r) or "")
+        r["vs_skip_vision"] = None if reference is None else compare_accuracies(r, reference)
+
+
+# --- report ---------------------------------------------------------------------------------------------------------
+def _difference_cell(comparison: dict[str, Any] | None) -> str:
+    if comparison is None:
+        return "-"
+    text = f"{comparison['difference']:+.3f}"
+    return f"{text} within spread" if comparison["within_spread"] else text
+
+
+def _table(rows: list[dict[str, Any]], types: list[str]) -> list[str]:
     head = (
-        "| regime | method | budget | prefill FLOPs | train FLOPs | accuracy | "
-        + " | ".join(types)
-        + " | prefill time | decode time | train step time | KV cache |"
+        "| regime | method | budget | visual tokens | prefill FLOPs | train FLOPs | accuracy | vs vanilla | "
+        "vs skip_vision | " + " | ".join(types) + " | prefill time | decode time | train step time | KV cache |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     fmt = lambda x, f="{:.3f}": "-" if x is None else f.format(x)  # noqa: E731
-    for r in results:
-        budget = "-" if r["budget"] is None else f"{r['budget']:.0%}"
+    for r in rows:
+        if r.get("budget_tokens") is not None:
+            budget = f"{r['budget_tokens']} tok"
+        else:
+            budget = "-" if r["budget"] is None else f"{r['budget']:.0%}"
+        spread = r.get("accuracy_spread")
         cells = [
             r["regime"],
             r["method"],
             budget,
+            fmt(r.get("visual_tokens"), "{:.1f}"),
             fmt(r["prefill_flops_ratio"]),
             fmt(r["train_flops_ratio"]),
-            fmt(r["accuracy"]),
+            fmt(r["accuracy"]) + ("" if spread is None else f" ± {spread:.3f}"),
+            _difference_cell(r.get("vs_vanilla")),
+            _difference_cell(r.get("vs_skip_vision")),
             *(fmt(r["per_type"].get(t)) for t in types),
             fmt(r.get("prefill_seconds_ratio")),
             fmt(r.get("decode_seconds_per_token_ratio")),
@@ -521,21 +836,72 @@ def markdown(results: list[dict[str, Any]], chance: float | None = None, notes: 
             fmt(r.get("kv_cache_bytes_ratio")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def spread_note(seeds: int) -> str:
+    """What the ± and "within spread" of the table mean."""
+    if seeds > 1:
+        spread = (
+            f"Accuracy: mean ± standard deviation over {seeds} seeds (each seed its own random initialisation and "
+            "training order, same data; n - 1 in the denominator); per-type columns are means."
+        )
+        larger = "the larger of the two rows' standard deviations"
+    else:
+        spread = (
+            "Accuracy ± the binomial standard error sqrt(p(1 - p) / n) of the n test records: one seed, so the spread "
+            "between trainings (often larger) is not in it; `--seeds 3` measures it."
+        )
+        larger = "the larger of the two rows' standard errors"
+    return (
+        f"{spread} A difference (vs vanilla; vs Skip-Vision at the same budget and regime; an ablation vs the preset) "
+        f"counts only when the absolute difference of the accuracies is larger than {larger}; otherwise it reads "
+        '"within spread".'
+    )
+
+
+def markdown(
+    results: list[dict[str, Any]],
+    chance: float | None = None,
+    notes: tuple[str, ...] = (),
+    seeds: int = 1,
+    not_run: tuple[str, ...] = (),
+) -> str:
+    """The table of (seed-aggregated, ``aggregate_seeds``) rows: FLOPs budgets and ablations first, then the rows at
+    visual-token budgets in a section of their own (with vanilla), then what the columns mean."""
+    types = sorted({t for r in results for t in r["per_type"]})
+    tokens = [r for r in results if r.get("budget_tokens") is not None]
+    lines = _table([r for r in results if r.get("budget_tokens") is None], types)
+    if tokens:
+        vanilla = [r for r in results if r["key"] == "vanilla"]
+        lines += ["", "### At equal visual-token counts", "", *_table(vanilla + tokens, types)]
     lines_notes = [
         "",
         "FLOPs and times are ratios to the vanilla row (FLOPs: analytic, language model prefill of one prompt and a "
         "training step of 8 examples; times: every setting measured in one interleaved run at batch 4, medians of "
-        "rounds). Accuracy: "
-        "exact match on the test split, with greedy `generate`.",
+        "rounds). Accuracy: exact match on the test split, with greedy `generate`.",
+        spread_note(seeds),
+        "Visual tokens: the layer-average number of visual tokens per image that run full decoder blocks (Skip-Vision: "
+        "its N_r; peers before the LLM: the tokens they hand it; FastV / PyramidDrop: the mean over decoder layers "
+        "of the visual tokens present in each).",
     ]
+    if tokens:
+        lines_notes.append(
+            "Token budgets: each method at its setting whose visual-token count is closest to the budget; "
+            "Skip-Vision at N_r = the budget and the preset's N_s."
+        )
     if chance is not None:
         lines_notes.append(f"Answer-prior baseline accuracy: {chance:.3f}.")
     if notes:
         lines_notes.append(f"Quick run, not the full comparison: {'; '.join(notes)}.")
+    if not_run:
+        lines_notes.append(f"Not run on this model: {'; '.join(not_run)}.")
     return "\n".join(lines + lines_notes) + "\n"
 
 
 def plot(results: list[dict[str, Any]], path: Path, chance: float | None = None) -> None:
+    """Accuracy vs prefill FLOPs at the FLOPs budgets, one line per method and regime, with error bars (the rows'
+    ``accuracy_spread``: std over seeds, or the binomial standard error)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -544,25 +910,30 @@ def plot(results: list[dict[str, Any]], path: Path, chance: float | None = None)
     regimes = [g for g in REGIMES if any(r["regime"] == g and r["budget"] is not None for r in results)]
     fig, axes = plt.subplots(1, len(regimes), figsize=(5.5 * len(regimes), 4.2), dpi=120, squeeze=False)
     vanilla = next(r for r in results if r["key"] == "vanilla")
+    spread = lambda r: 100 * (r.get("accuracy_spread") or 0.0)  # noqa: E731
     for ax, regime in zip(axes[0], regimes):
         methods = sorted({r["method"] for r in results if r["regime"] == regime and r["key"] != "vanilla"})
         for method in methods:
             if method.startswith("ablation") or method.endswith("(preset)"):
                 continue
             points = sorted(
-                (r["prefill_flops_ratio"], r["accuracy"])
+                (r["prefill_flops_ratio"], r["accuracy"], spread(r))
                 for r in results
                 if r["regime"] == regime and r["method"] == method and r["budget"] is not None
             )
             if points:
-                xs, ys = zip(*points)
-                ax.plot([100 * x for x in xs], [100 * y for y in ys], marker="o", label=method)
-        ax.scatter([100], [100 * vanilla["accuracy"]], color="black", marker="*", s=120, label="vanilla", zorder=5)
+                xs, ys, errors = zip(*points)
+                ys = [100 * y for y in ys]
+                ax.errorbar([100 * x for x in xs], ys, yerr=errors, marker="o", capsize=3, label=method)
+        ax.errorbar(
+            [100], [100 * vanilla["accuracy"]], yerr=[spread(vanilla)], color="black", marker="*", ms=11, capsize=3
+        )
+        ax.scatter([], [], color="black", marker="*", s=120, label="vanilla")
         if chance is not None:
             ax.axhline(100 * chance, color="red", lw=0.8, ls="--", label="answer-prior baseline")
         ax.set_title(f"{regime}", fontsize=10)
         ax.set_xlabel("prefill FLOPs, % of vanilla (language model)")
-        ax.set_ylabel("exact-match accuracy, %")
+        ax.set_ylabel("exact-match accuracy, % (bars: ± std over seeds; 1 seed: SE)")
         ax.set_xlim(0, 110)
         ax.legend(fontsize=7)
     fig.suptitle("skipvision compare: accuracy vs FLOPs", fontsize=10)
@@ -580,29 +951,39 @@ def compare(settings: CompareSettings, progress: bool = True, log: Callable[[str
     model = from_pretrained(harness.base, skip_vision=vanilla_config())
     shape = family_of(model).model_shape(model.config)
     text_tokens = prompt_text_tokens(harness.base, harness.test_json, model)
-    rows = plan_rows(settings, shape, harness.spec.skip_vision, text_tokens)
+    family = family_of(model)
+    rows = plan_rows(settings, shape, harness.spec.skip_vision, text_tokens, family)
+    skipped = left_out(settings, family)
+    if skipped:
+        log(f"compare: not run here: {'; '.join(skipped)}")
+    seeds = run_seeds(settings)
     log(
-        f"compare: {len(rows)} rows into {harness.out / 'rows'} (finished rows are kept); budgets matched at "
-        f"{text_tokens} prompt text tokens + 1 image"
+        f"compare: {len(rows)} rows x {len(seeds)} seed(s) {seeds} into {harness.out / 'rows'} (finished rows are "
+        f"kept); budgets matched at {text_tokens} prompt text tokens + 1 image"
     )
     results = harness.run(rows, progress)
     log(f"compare: timing {len({json.dumps(r['config'], sort_keys=True) for r in results})} settings side by side")
     timings = harness.time_settings(results)
     for r in results:
-        r.update(timings[json.dumps(r["config"], sort_keys=True)])
+        r.update(timings.get(json.dumps(r["config"], sort_keys=True), {}))
+        r["visual_tokens"] = visual_token_count(shape, SkipVisionConfig.from_dict(r["config"]))
     add_relative(results)
+    table = aggregate_seeds(results)
+    add_differences(table)
     chance = prior_accuracy(harness.train_json, harness.test_json)
     report = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.__dict__.items()},
+        "seeds": seeds,
         "text_tokens": text_tokens,
         "chance_accuracy": chance,
-        "rows": results,
+        "rows": table,
         "total_seconds": time.perf_counter() - start,
     }
     out = harness.out
     (out / "compare.json").write_text(json.dumps(report, indent=1))
-    (out / "compare.md").write_text(markdown(results, chance, settings.notes))
-    plot(results, out / "compare.png", chance)
-    log(markdown(results, chance, settings.notes))
+    text = markdown(table, chance, settings.notes, len(seeds), tuple(skipped))
+    (out / "compare.md").write_text(text)
+    plot(table, out / "compare.png", chance)
+    log(text)
     log(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and {out / 'compare.png'}")
     return report

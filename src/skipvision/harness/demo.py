@@ -6,12 +6,15 @@ per layout: in place and full) with the same budget and seed,
 evaluate both with ``generate``, measure FLOPs, latency and KV-cache size side by side, and write
 ``report.json`` plus a trade-off plot (accuracy vs FLOPs, marker size = latency). The peer methods (FastV,
 PyramidDrop, VisionZip, ToMe, token drop) join training-free: each applied to the vanilla-trained model at
-Skip-Vision's prefill-FLOPs budget (``skipvision compare`` also fine-tunes them and sweeps budgets).
+Skip-Vision's prefill-FLOPs budget (``skipvision compare`` also fine-tunes them and sweeps budgets). Each accuracy
+comes with its binomial standard error on the test records, and the Skip-Vision/vanilla difference is called a
+difference only when it is larger than 1.96 times the standard error of the difference (``accuracy_difference``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from ..api import family_of, from_pretrained, load_processor
 from ..config import SkipVisionConfig, in_place_config
 from . import measure
 from .bench import BenchSettings, make_inputs, measure_interleaved, ratio
+from .compare import BATCH1_METHODS, METHODS, for_family, match_budget, method_applies, prefill_ratio
 from .data import first_batch, make_dataset, prior_accuracy
 from .evaluate import evaluate
 from .presets import QWEN_FAMILIES, get_preset, init_model
@@ -52,24 +56,55 @@ def demo_variants(preset: str) -> dict[str, SkipVisionConfig | None]:
 
 def demo_peers(vanilla: Any, skip: Any) -> list[tuple[str, SkipVisionConfig]]:
     """Each peer that applies to this model, set to Skip-Vision's prefill FLOPs ratio (matched on the demo's
-    prompt with the analytic FLOPs model; VisionZip needs a CLS token, so not on Qwen-VL)."""
-    from .compare import METHODS, match_budget, prefill_ratio
-
+    prompt with the analytic FLOPs model); the peers that do not apply (``compare.method_applies``) are named."""
     family = family_of(vanilla)
     shape = family.model_shape(vanilla.config)
     preset = skip.skip_vision_config
     target = prefill_ratio(shape, preset)
     peers = []
     for method in (m for m in METHODS if m != "skip_vision"):
-        if method == "visionzip" and not family.vision_facts(vanilla.config).has_cls:
+        reason = method_applies(method, family, "training-free")
+        if reason is not None:
+            print(f"[4/5] not run here: {reason}")
             continue
-        peers.append((method, match_budget(method, target, shape, preset)[0]))
+        peers.append((method, for_family(match_budget(method, target, shape, preset)[0], family)))
     return peers
 
 
 DEFAULT_EXAMPLES = 6000
 BATCH_SIZE = 8
 LEARNING_RATE = 1e-3
+#: a difference of two accuracies counts only when it is larger than Z times its standard error (95%, two-sided)
+Z = 1.96
+
+
+def standard_error(accuracy: float, count: int) -> float:
+    """Binomial standard error of an accuracy on ``count`` test records: sqrt(p (1 - p) / n)."""
+    return math.sqrt(accuracy * (1.0 - accuracy) / count) if count > 0 else 0.0
+
+
+def accuracy_difference(accuracy: float, reference: float, count: int) -> dict[str, Any]:
+    """``accuracy - reference`` (both on the same ``count`` records), the standard error of that difference,
+    sqrt(se^2 + se_reference^2) (it leaves out that the records are shared, which would make it smaller: a cautious
+    bound), and whether the difference is within ``Z`` times it (then it is not a difference)."""
+    difference = accuracy - reference
+    stderr = math.hypot(standard_error(accuracy, count), standard_error(reference, count))
+    return {"difference": difference, "stderr": stderr, "z": Z, "within": abs(difference) <= Z * stderr}
+
+
+def difference_line(name: str, difference: dict[str, Any], reference: str = "vanilla") -> str:
+    """One printed line: the accuracy difference, its standard error and whether it is within ``z`` of them."""
+    head = f"{name} - {reference} accuracy: {difference['difference']:+.3f} (standard error {difference['stderr']:.3f})"
+    bound = f"{difference['z']:g} x {difference['stderr']:.3f} = {difference['z'] * difference['stderr']:.3f}"
+    if difference["within"]:
+        return f"{head}: within {bound}, not a difference on this test set"
+    return f"{head}: larger than {bound}, a difference"
+
+
+def _accuracy_cell(r: dict[str, Any]) -> str:
+    """``0.503±0.016``: the accuracy and its standard error (without one: the accuracy alone)."""
+    stderr = r.get("accuracy_stderr")
+    return f"{r['accuracy']:.3f}" + ("" if stderr is None else f"±{stderr:.3f}")
 
 
 def _train_flops(model_dir: Path, data: Path) -> dict[str, float]:
@@ -135,7 +170,7 @@ def format_report(report: dict[str, Any]) -> str:
     names = report.get("variants", ["vanilla", "skip_vision"])
     vanilla = report["vanilla"]
     rows = [
-        ("accuracy (exact match)", "accuracy", "{:.3f}", 1),
+        ("accuracy (exact match) ± SE", "accuracy", "{:.3f}", 1),
         ("train wall time (s)", "train_seconds", "{:.1f}", 1),
         ("train step time (s, median)", "train_step_seconds", "{:.3f}", 1),
         ("train FLOPs / step, analytic (G)", "train_flops", "{:.2f}", 1e-9),
@@ -149,31 +184,55 @@ def format_report(report: dict[str, Any]) -> str:
     others = [n for n in names if n != "vanilla"]
     head = f"{'':34}{'vanilla':>12}" + "".join(f"{n:>22}{'ratio':>8}" for n in others)
     lines = [head, "-" * len(head)]
-    show = lambda x, fmt, scale: "-" if x is None else fmt.format(x * scale)  # noqa: E731  (None: not resolved)
     for label, key, fmt, scale in rows:
-        line = f"{label:34}{show(vanilla[key], fmt, scale):>12}"
+        line = f"{label:34}{_cell(vanilla, key, fmt, scale):>12}"
         for name in others:
-            value = report[name][key]
-            relative = ratio(value, vanilla[key])
-            line += f"{show(value, fmt, scale):>22}{'-' if relative is None else f'{relative:.3f}':>8}"
+            relative = ratio(report[name][key], vanilla[key])
+            line += f"{_cell(report[name], key, fmt, scale):>22}{'-' if relative is None else f'{relative:.3f}':>8}"
         lines.append(line)
-    peers = report.get("peers")
-    if peers:
-        lines.append("")
-        lines.append("peers, training-free on the vanilla-trained model at skip_vision's prefill FLOPs budget:")
-        head = f"{'':34}{'accuracy':>10}{'prefill FLOPs':>15}{'prefill time':>14}{'KV cache':>10}"
-        lines += [head, "-" * len(head)]
-        for name, r in peers.items():
-            ratios = [ratio(r[k], vanilla[k]) for k in ("prefill_flops", "prefill_seconds", "kv_cache_bytes")]
-            cells = "".join(f"{'-' if x is None else f'{x:.3f}':>{w}}" for x, w in zip(ratios, (15, 14, 10)))
-            lines.append(f"{name:34}{r['accuracy']:>10.3f}{cells}")
-        lines.append("(FLOPs, time and KV cache as ratios to vanilla)")
+    count = vanilla.get("test_records")
+    if count:
+        lines.append(f"(accuracy ± its binomial standard error sqrt(p(1 - p) / n), n = {count} test records)")
+    for name, difference in report.get("accuracy_differences", {}).items():
+        lines.append(difference_line(name, difference))
+    lines += _peer_lines(report)
     lines.append(f"answer-prior baseline accuracy: {report['chance_accuracy']:.3f}")
     lines.append(
         "(measured FLOPs come from torch's FlopCounterMode, which charges full T x T attention and 2.5x for"
         " the flash backward; the analytic count uses causal pairs)"
     )
     return "\n".join(lines)
+
+
+def _cell(r: dict[str, Any], key: str, fmt: str, scale: float) -> str:
+    if key == "accuracy":
+        return _accuracy_cell(r)
+    return "-" if r[key] is None else fmt.format(r[key] * scale)  # None: not resolved
+
+
+def _peer_lines(report: dict[str, Any]) -> list[str]:
+    peers, vanilla = report.get("peers"), report["vanilla"]
+    if not peers:
+        return []
+    lines = ["", "peers, training-free on the vanilla-trained model at skip_vision's prefill FLOPs budget:"]
+    head = f"{'':34}{'accuracy ± SE':>14}{'prefill FLOPs':>15}{'prefill time':>14}{'KV cache':>10}"
+    lines += [head, "-" * len(head)]
+    for name, r in peers.items():
+        ratios = [ratio(r[k], vanilla[k]) for k in ("prefill_flops", "prefill_seconds", "kv_cache_bytes")]
+        cells = "".join(f"{'-' if x is None else f'{x:.3f}':>{w}}" for x, w in zip(ratios, (15, 14, 10)))
+        lines.append(f"{name:34}{_accuracy_cell(r):>14}{cells}")
+    lines.append("(FLOPs, time and KV cache as ratios to vanilla)")
+    return lines
+
+
+def _accuracy_fields(result: dict[str, Any]) -> dict[str, Any]:
+    """What ``report.json`` keeps of an evaluation: accuracy, its standard error, per type, the test records."""
+    return {
+        "accuracy": result["accuracy"],
+        "accuracy_stderr": standard_error(result["accuracy"], result["count"]),
+        "test_records": result["count"],
+        "per_type": result["per_type"],
+    }
 
 
 def _train_variant(
@@ -211,11 +270,17 @@ def _evaluate_runs(
         final = Path(report[name]["checkpoint"])
         print(f"[4/5] evaluating {name} on {test_json}")
         result = evaluate(final, test_json)
-        report[name].update(accuracy=result["accuracy"], per_type=result["per_type"])
+        report[name].update(_accuracy_fields(result))
         report[name].update(_train_flops(final, train_json))
         model, inputs = _prefill_inputs(final, image_size)
         report[name]["prefill_flops"] = measure.batch_flops(model, inputs)["prefill_language_model"]
         built[name] = (model, inputs)
+    vanilla = report["vanilla"]
+    report["accuracy_differences"] = {  # each Skip-Vision run against vanilla, on the same test records
+        name: accuracy_difference(report[name]["accuracy"], vanilla["accuracy"], vanilla["test_records"])
+        for name in runs
+        if name != "vanilla"
+    }
     return built
 
 
@@ -226,11 +291,11 @@ def _evaluate_peers(report: dict[str, Any], built: dict[str, Any], out: Path, te
         print(f"[4/5] evaluating peer {name} (training-free, on the vanilla-trained model)")
         path = out / "runs" / f"peer-{name}"
         save_atomically(*load_for_training(report["vanilla"]["checkpoint"], cfg), path)
-        result = evaluate(path, test_json)
+        # SparseVLM's official code runs one prompt at a time (batch 1)
+        result = evaluate(path, test_json, batch_size=1 if name in BATCH1_METHODS else 16)
         model, inputs = _prefill_inputs(path, image_size)
         report["peers"][name] = {
-            "accuracy": result["accuracy"],
-            "per_type": result["per_type"],
+            **_accuracy_fields(result),
             "config": cfg.to_dict(),
             "prefill_flops": measure.batch_flops(model, inputs)["prefill_language_model"],
         }
