@@ -261,6 +261,12 @@ CASES = [
         "needs the fine-tuned regime",
         None,
     ),
+    (
+        "compare-fine-tune-method",
+        "compare --out {root}/c --methods fastv --fine-tune-methods skip_vision",
+        "fine-tune methods ['skip_vision'] are not among the methods",
+        None,
+    ),
     ("compare-budget-0", "compare --out {root}/c --budgets 0", "in (0, 1]", None),
     ("compare-budget-over-1", "compare --out {root}/c --budgets 1.5", "in (0, 1]", None),
     ("compare-method", "compare --out {root}/c --methods magic", "unknown method", None),

@@ -603,6 +603,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         ("regimes", "regimes"),
         ("steps", "steps"),
         ("n", "num_examples"),
+        ("fine_tune_methods", "fine_tune_methods"),
     ):
         if getattr(args, option) is not None:
             value = getattr(args, option)
@@ -819,6 +820,11 @@ def _add_compare(add: Callable[..., argparse.ArgumentParser]) -> None:
         "--fine-tune-budgets",
         nargs="+",
         help="budgets (among --budgets) trained with the method on; 'all': every one (default: the middle budget)",
+    )
+    p.add_argument(
+        "--fine-tune-methods",
+        nargs="+",
+        help="methods (among --methods) with fine-tuned rows (default: every method; --quick: skip_vision)",
     )
     p.add_argument(
         "--budget-tokens",

@@ -190,8 +190,13 @@ def check_settings(settings: CompareSettings) -> None:
                 f"fine-tune budgets {missing or '()'} are not among the budgets {settings.budgets}: no fine-tuned row "
                 "would run at them"
             )
-    if settings.fine_tune_methods is not None and not set(settings.fine_tune_methods) & set(settings.methods):
-        raise ValueError(f"fine_tune_methods {settings.fine_tune_methods} are not among the methods {settings.methods}")
+    if settings.fine_tune_methods is not None:
+        missing = [m for m in settings.fine_tune_methods if m not in settings.methods]
+        if missing or not settings.fine_tune_methods:
+            raise ValueError(
+                f"fine-tune methods {missing or '()'} are not among the methods {list(settings.methods)}: no "
+                "fine-tuned row would run for them"
+            )
     unknown = sorted(set(settings.ablations) - set(ABLATIONS))
     if unknown:
         raise ValueError(f"unknown ablation(s) {unknown}; choose from {ABLATIONS}")
