@@ -271,6 +271,16 @@ def test_a_difference_must_be_larger_than_the_spread():
     assert "binomial standard error" in C.markdown(C.aggregate_seeds(results[:5]), seeds=1)
 
 
+def test_a_seed_whose_vanilla_did_not_learn_is_named():
+    rows = C.aggregate_seeds([_fake("vanilla", "vanilla", seed, a) for seed, a in enumerate((0.41, 0.43, 0.29))])
+    notes = C.vanilla_seed_notes(rows, chance=0.33)
+    assert notes[0] == "Vanilla per seed: seed 0 0.410, seed 1 0.430, seed 2 0.290."
+    assert notes[1].startswith("On seed 2 vanilla is at or below the answer prior")
+    assert C.vanilla_seed_notes(rows, chance=0.2) == notes[:1]
+    one = C.aggregate_seeds([_fake("vanilla", "vanilla", 0, 0.4)])
+    assert C.vanilla_seed_notes(one, chance=0.3) == [] and "answer prior" in C.vanilla_seed_notes(one, 0.5)[0]
+
+
 # --- the command line's refusals (before any data, model or folder is made) -----------------------------------------
 @pytest.mark.parametrize(
     ("args", "message"),

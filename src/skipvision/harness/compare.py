@@ -865,6 +865,27 @@ def spread_note(seeds: int) -> str:
     )
 
 
+def vanilla_seed_notes(results: list[dict[str, Any]], chance: float | None) -> list[str]:
+    """Vanilla's accuracy on each seed, and the seeds on which it did not rise above the answer prior: every
+    training-free row of such a seed starts from a model that has not learned the task, so it ranks nothing."""
+    vanilla = next((r for r in results if r["key"] == "vanilla"), None)
+    if vanilla is None:
+        return []
+    seeds, accuracies = vanilla.get("seeds") or [], vanilla.get("accuracies") or [vanilla["accuracy"]]
+    notes = []
+    if len(accuracies) > 1:
+        notes.append("Vanilla per seed: " + ", ".join(f"seed {s} {a:.3f}" for s, a in zip(seeds, accuracies)) + ".")
+    if chance is not None:
+        unlearned = [str(s) for s, a in zip(seeds or [None], accuracies) if a <= chance]
+        if unlearned:
+            which = f"seed {', '.join(unlearned)}" if seeds else "this run"
+            notes.append(
+                f"On {which} vanilla is at or below the answer prior: it has not learned the task in these steps, "
+                "and the training-free rows of that seed (applied to it) rank nothing."
+            )
+    return notes
+
+
 def markdown(
     results: list[dict[str, Any]],
     chance: float | None = None,
@@ -897,6 +918,7 @@ def markdown(
         )
     if chance is not None:
         lines_notes.append(f"Answer-prior baseline accuracy: {chance:.3f}.")
+    lines_notes += vanilla_seed_notes(results, chance)
     if notes:
         lines_notes.append(f"Quick run, not the full comparison: {'; '.join(notes)}.")
     if not_run:
