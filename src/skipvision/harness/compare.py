@@ -935,7 +935,11 @@ def plot(results: list[dict[str, Any]], path: Path, chance: float | None = None)
     import matplotlib.pyplot as plt
 
     regimes = [g for g in REGIMES if any(r["regime"] == g and r["budget"] is not None for r in results)]
-    fig, axes = plt.subplots(1, len(regimes), figsize=(5.5 * len(regimes), 4.2), dpi=120, squeeze=False)
+    fig, axes = plt.subplots(1, len(regimes), figsize=(7.0 * len(regimes), 4.6), dpi=120, squeeze=False)
+    # one colour and marker per method, the same in every panel (the default cycle repeats after 10)
+    every = sorted({r["method"] for r in results if r["key"] != "vanilla"})
+    palette = plt.get_cmap("tab20")
+    style = {m: (palette(i % 20), "osD^v<>ph"[i % 9]) for i, m in enumerate(every)}
     vanilla = next(r for r in results if r["key"] == "vanilla")
     spread = lambda r: 100 * (r.get("accuracy_spread") or 0.0)  # noqa: E731
     for ax, regime in zip(axes[0], regimes):
@@ -951,7 +955,8 @@ def plot(results: list[dict[str, Any]], path: Path, chance: float | None = None)
             if points:
                 xs, ys, errors = zip(*points)
                 ys = [100 * y for y in ys]
-                ax.errorbar([100 * x for x in xs], ys, yerr=errors, marker="o", capsize=3, label=method)
+                color, marker = style[method]
+                ax.errorbar([100 * x for x in xs], ys, yerr=errors, color=color, marker=marker, capsize=3, label=method)
         ax.errorbar(
             [100], [100 * vanilla["accuracy"]], yerr=[spread(vanilla)], color="black", marker="*", ms=11, capsize=3
         )
@@ -960,10 +965,11 @@ def plot(results: list[dict[str, Any]], path: Path, chance: float | None = None)
             ax.axhline(100 * chance, color="red", lw=0.8, ls="--", label="answer-prior baseline")
         ax.set_title(f"{regime}", fontsize=10)
         ax.set_xlabel("prefill FLOPs, % of vanilla (language model)")
-        ax.set_ylabel("exact-match accuracy, % (bars: ± std over seeds; 1 seed: SE)")
+        ax.set_ylabel("exact-match accuracy, %")
         ax.set_xlim(0, 110)
-        ax.legend(fontsize=7)
-    fig.suptitle("skipvision compare: accuracy vs FLOPs", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    bars = "± std over seeds" if any(len(r.get("accuracies") or ()) > 1 for r in results) else "± standard error"
+    fig.suptitle(f"skipvision compare: accuracy vs FLOPs (bars: {bars})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
