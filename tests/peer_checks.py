@@ -5,7 +5,7 @@ reference's tokens, and that prefill plus cached decoding equals decoding by ful
 from __future__ import annotations
 
 import torch
-from conftest import BOS_ID, IMAGE_TOKEN_ID, VOCAB
+from conftest import BOS_ID, IMAGE_TOKEN_ID, VOCAB, pair
 from transformers import LlavaForConditionalGeneration
 
 
@@ -40,3 +40,21 @@ COARSE = {
     # PruMerge+'s spatially uniform extra tokens come from a stride grid: its token counts are a discrete set
     "prumerge_plus": "PruMerge+",
 }
+
+
+def check_tower_reduction_flops(cfg) -> None:
+    """A tower reduction's own matmuls (``overhead_flops``, which flops.py adds for tower reductions) are what it
+    runs: the image's measured FLOPs are the tower's, the projector's on the kept tokens, and those."""
+    import skipvision
+    from skipvision import flops
+    from skipvision.harness import measure
+    from skipvision.tower_reduction import tower_reduction
+
+    _, model = pair(cfg, vision_layers=4)
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    measured, _ = measure.measured_flops(lambda: model.encode_images(pixels))
+    shape = skipvision.family_of(model).model_shape(model.config)
+    v, heads = shape.vision, model.config.vision_config.num_attention_heads
+    own = tower_reduction(cfg.tower_reduction).overhead_flops(v.hidden, v.tokens, heads, cfg)
+    projector = flops.projector_flops(v, shape.text.hidden, cfg.num_image_tokens)
+    assert measured == flops.tower_pass_flops(v) + projector + own

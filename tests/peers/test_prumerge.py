@@ -13,13 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import pair
-from peer_checks import check_cached_decoding, one_image_prompt, reference_logits
+from peer_checks import check_cached_decoding, check_tower_reduction_flops, one_image_prompt, reference_logits
 
 import skipvision
-from skipvision import flops
-from skipvision.harness import measure
 from skipvision.peers import prumerge, prumerge_plus
-from skipvision.tower_reduction import tower_reduction
 
 # the module (the package's attribute ``prumerge`` is the function)
 prumerge_module = importlib.import_module("skipvision.peers.prumerge")
@@ -141,17 +138,8 @@ def test_prumerge_batches_images_independently(plus):
 
 @pytest.mark.parametrize("counts", [(False, 1), (False, 9), (True, 33)])
 def test_prumerge_overhead_flops_are_what_it_runs(counts):
-    """The reduction's own matmuls (overhead_flops, which flops.py is to add for tower reductions): the image's
-    measured FLOPs are the tower's, the projector's on the kept tokens, and those."""
-    cfg = (prumerge_plus if counts[0] else prumerge)(counts[1])
-    _, model = pair(cfg, vision_layers=4)
-    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    measured, _ = measure.measured_flops(lambda: model.encode_images(pixels))
-    shape = skipvision.family_of(model).model_shape(model.config)
-    v, heads = shape.vision, model.config.vision_config.num_attention_heads
-    own = tower_reduction(cfg.tower_reduction).overhead_flops(v.hidden, v.tokens, heads, cfg)
-    projector = flops.projector_flops(v, shape.text.hidden, cfg.num_image_tokens)
-    assert measured == flops.tower_pass_flops(v) + projector + own
+    """The reduction's own matmuls are what it runs (``peer_checks.check_tower_reduction_flops``)."""
+    check_tower_reduction_flops((prumerge_plus if counts[0] else prumerge)(counts[1]))
 
 
 def test_prumerge_is_refused_where_it_does_not_apply():

@@ -9,13 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import pair
-from peer_checks import check_cached_decoding, one_image_prompt, reference_logits
+from peer_checks import check_cached_decoding, check_tower_reduction_flops, one_image_prompt, reference_logits
 
 import skipvision
-from skipvision import flops as F
-from skipvision.harness import measure
 from skipvision.peers import visionzip
-from skipvision.tower_reduction import tower_reduction
 
 
 def _tower_outputs(tower, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,17 +123,8 @@ def test_visionzip_batches_images_independently():
 
 @pytest.mark.parametrize("counts", [(1, 0), (6, 4), (30, 10)])
 def test_visionzip_overhead_flops_are_what_it_runs(counts):
-    """The reduction's own matmuls (overhead_flops, which flops.py is to add for tower reductions): the image's
-    measured FLOPs are the tower's, the projector's on the kept tokens, and those."""
-    cfg = visionzip(*counts)
-    _, model = pair(cfg, vision_layers=4)
-    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    measured, _ = measure.measured_flops(lambda: model.encode_images(pixels))
-    shape = skipvision.family_of(model).model_shape(model.config)
-    v, heads = shape.vision, model.config.vision_config.num_attention_heads
-    own = tower_reduction(cfg.tower_reduction).overhead_flops(v.hidden, v.tokens, heads, cfg)
-    projector = F.projector_flops(v, shape.text.hidden, cfg.num_image_tokens)
-    assert measured == F.tower_pass_flops(v) + projector + own
+    """The reduction's own matmuls are what it runs (``peer_checks.check_tower_reduction_flops``)."""
+    check_tower_reduction_flops(visionzip(*counts))
 
 
 def test_visionzip_is_refused_where_it_does_not_apply():
