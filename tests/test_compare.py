@@ -14,8 +14,10 @@ from peer_checks import COARSE
 import skipvision
 from skipvision import flops as F
 from skipvision.config import SkipVisionConfig
+from skipvision.harness import budgets as B
 from skipvision.harness import cli
 from skipvision.harness import compare as C
+from skipvision.harness import compare_report as R
 from skipvision.harness.presets import get_preset, init_model
 from skipvision.peers import fastv, pyramid_drop, token_drop, tome, visionzip
 
@@ -36,13 +38,13 @@ def tiny(tmp_path_factory):
     return skipvision.family_of(model).model_shape(model.config)
 
 
-@pytest.mark.parametrize("method", C.METHODS)
+@pytest.mark.parametrize("method", B.METHODS)
 def test_budget_matching_picks_the_closest_setting(tiny, method):
     preset = get_preset("tiny").skip_vision
-    cfg, ratio = C.match_budget(method, 0.45, tiny, preset, text_tokens=30)
-    assert ratio == pytest.approx(C.prefill_ratio(tiny, cfg, 30))
+    cfg, ratio = B.match_budget(method, 0.45, tiny, preset, text_tokens=30)
+    assert ratio == pytest.approx(B.prefill_ratio(tiny, cfg, 30))
     assert method in COARSE or abs(ratio - 0.45) <= 0.03
-    others = [abs(C.prefill_ratio(tiny, c, 30) - 0.45) for c in C.method_configs(method, tiny, preset)]
+    others = [abs(B.prefill_ratio(tiny, c, 30) - 0.45) for c in B.method_configs(method, tiny, preset)]
     assert abs(ratio - 0.45) == pytest.approx(min(others))
 
 
@@ -123,55 +125,55 @@ def test_ablations_run_and_change_what_they_say(tmp_path):
 # --- visual-token budgets (pure: analytic shapes, no model) ---------------------------------------------------------
 def test_visual_token_count_follows_its_definition():
     preset = get_preset("tiny").skip_vision  # N_r = 36, N_s = 36
-    count = lambda cfg: C.visual_token_count(TINY, cfg)  # noqa: E731
+    count = lambda cfg: B.visual_token_count(TINY, cfg)  # noqa: E731
     assert count(None) == count(skipvision.vanilla_config()) == 144
     assert count(preset) == 36  # Skip-Vision: N_r (not the summaries, not the skipped tokens)
-    assert C.visual_tokens_per_layer(TINY, C.ablation_config("skip_half_layers", preset, 4)) == [36, 72, 36, 72]
+    assert B.visual_tokens_per_layer(TINY, C.ablation_config("skip_half_layers", preset, 4)) == [36, 72, 36, 72]
     assert count(visionzip(54, 10)) == count(tome(64)) == count(token_drop(64, "random")) == 64  # what the LLM gets
-    assert C.visual_tokens_per_layer(TINY, fastv(0.25, layer=1)) == [144, 36, 36, 36]  # in-LLM: present per layer
+    assert B.visual_tokens_per_layer(TINY, fastv(0.25, layer=1)) == [144, 36, 36, 36]  # in-LLM: present per layer
     assert count(fastv(0.25, layer=1)) == 63
     schedule = pyramid_drop(0.5, 4)
-    assert C.visual_tokens_per_layer(TINY, schedule) == [144, 72, 36, 18]
+    assert B.visual_tokens_per_layer(TINY, schedule) == [144, 72, 36, 18]
     assert count(schedule) == (144 + 72 + 36 + 18) / 4
 
 
-@pytest.mark.parametrize("method", C.METHODS)
+@pytest.mark.parametrize("method", B.METHODS)
 def test_token_budget_matching_picks_the_closest_setting(method):
     preset = get_preset("tiny").skip_vision
-    cfg, count = C.match_tokens(method, 64, TINY, preset)
-    assert count == C.visual_token_count(TINY, cfg)
+    cfg, count = B.match_tokens(method, 64, TINY, preset)
+    assert count == B.visual_token_count(TINY, cfg)
     if method == "skip_vision":  # the paper's row: N_r = the budget, the preset's N_s
         assert (cfg.num_retained, cfg.num_skipped, count) == (64, preset.num_skipped, 64)
         return
-    others = [abs(C.visual_token_count(TINY, c) - 64) for c in C.method_configs(method, TINY, preset)]
+    others = [abs(B.visual_token_count(TINY, c) - 64) for c in B.method_configs(method, TINY, preset)]
     assert abs(count - 64) == min(others)
     assert method in COARSE or abs(count - 64) <= 1.0
 
 
 def test_the_papers_64_token_row_on_llava_7b():
     preset = SkipVisionConfig(num_retained=100, num_skipped=156)
-    cfg, count = C.match_tokens("skip_vision", 64, LLAVA_7B, preset)
+    cfg, count = B.match_tokens("skip_vision", 64, LLAVA_7B, preset)
     assert (cfg.num_retained, cfg.num_skipped, count) == (64, 156, 64)
     for method in ("fastv", "visionzip", "tome"):
-        assert abs(C.match_tokens(method, 64, LLAVA_7B, preset)[1] - 64) <= 1, method
+        assert abs(B.match_tokens(method, 64, LLAVA_7B, preset)[1] - 64) <= 1, method
     # PyramidDrop's first stage (8 of 32 layers) keeps all 576 tokens: its layer average cannot go below 144
-    assert 144 <= C.match_tokens("pyramid_drop", 64, LLAVA_7B, preset)[1] < 150
+    assert 144 <= B.match_tokens("pyramid_drop", 64, LLAVA_7B, preset)[1] < 150
     # near the top, Skip-Vision keeps N_r and skips only what is left
-    assert C.match_tokens("skip_vision", 500, LLAVA_7B, preset)[0].num_skipped == 76
+    assert B.match_tokens("skip_vision", 500, LLAVA_7B, preset)[0].num_skipped == 76
 
 
 def test_token_budgets_beyond_the_image_are_refused(tmp_path):
     with pytest.raises(ValueError, match="above the 144 visual tokens"):
-        C.check_token_budgets((64, 145), 144, 144, C.METHODS)
+        B.check_token_budgets((64, 145), 144, 144, B.METHODS)
     with pytest.raises(ValueError, match="leaves none to skip"):
-        C.check_token_budgets((144,), 144, 144, C.METHODS)
-    C.check_token_budgets((144,), 144, 144, ("fastv", "tome"))  # the peers may keep every token
+        B.check_token_budgets((144,), 144, 144, B.METHODS)
+    B.check_token_budgets((144,), 144, 144, ("fastv", "tome"))  # the peers may keep every token
     with pytest.raises(ValueError, match="whole number"):
-        C.check_token_budgets((0,), None, None, C.METHODS)
+        B.check_token_budgets((0,), None, None, B.METHODS)
     with pytest.raises(ValueError, match="above the 144"):  # the tiny preset, before any model or data is made
         C.check_settings(C.CompareSettings(out=tmp_path / "c", budget_tokens=(200,)))
     with pytest.raises(ValueError, match="above the 144"):
-        C.match_tokens("fastv", 145, TINY, get_preset("tiny").skip_vision)
+        B.match_tokens("fastv", 145, TINY, get_preset("tiny").skip_vision)
     with pytest.raises(ValueError, match="seeds must be at least 1"):
         C.check_settings(C.CompareSettings(out=tmp_path / "c", seeds=0))
     assert not (tmp_path / "c").exists()
@@ -189,7 +191,7 @@ def test_token_budget_rows_have_their_own_keys():
         for n in (64, 16)
         for method in ("skip_vision", "fastv")
     ]
-    assert all(r.budget is None and r.matched_ratio == C.prefill_ratio(TINY, r.cfg, 17) for r in token_rows)
+    assert all(r.budget is None and r.matched_ratio == B.prefill_ratio(TINY, r.cfg, 17) for r in token_rows)
     assert len({r.key for r in rows}) == len(rows)
     assert C.run_seeds(C.CompareSettings(out=None, seed=5, seeds=3)) == [5, 6, 7]
 
@@ -230,7 +232,7 @@ def _three_seeds():
 
 def test_seeds_are_aggregated_per_row():
     accuracies, results = _three_seeds()
-    rows = C.aggregate_seeds(results)
+    rows = R.aggregate_seeds(results)
     assert [r["key"] for r in rows] == list(accuracies)
     for row in rows:
         values = accuracies[row["key"]]
@@ -240,14 +242,14 @@ def test_seeds_are_aggregated_per_row():
         assert row["accuracy_spread"] == row["accuracy_std"]
         assert row["per_type"]["count"] == pytest.approx(row["accuracy"] / 2)
         assert [r["seed"] for r in row["per_seed"]] == [0, 1, 2] and "seed" not in row
-    one = C.aggregate_seeds([_fake("vanilla", "vanilla", 0, 0.4)])[0]  # one seed: the binomial standard error
+    one = R.aggregate_seeds([_fake("vanilla", "vanilla", 0, 0.4)])[0]  # one seed: the binomial standard error
     assert one["accuracy_std"] is None and one["accuracy_spread"] == pytest.approx(math.sqrt(0.4 * 0.6 / 300))
 
 
 def test_a_difference_must_be_larger_than_the_spread():
     _, results = _three_seeds()
-    rows = {r["key"]: r for r in C.aggregate_seeds(results)}
-    C.add_differences(list(rows.values()))
+    rows = {r["key"]: r for r in R.aggregate_seeds(results)}
+    R.add_differences(list(rows.values()))
     sv, fastv_row, tome_row = (
         rows["fine-tuned-skip_vision-0.4"],
         rows["fine-tuned-fastv-0.4"],
@@ -261,24 +263,24 @@ def test_a_difference_must_be_larger_than_the_spread():
     # ToMe at 64 tokens: -0.02 vs Skip-Vision at 64 tokens, but its seeds spread 0.1: within spread
     assert tome_row["vs_skip_vision"]["reference"] == "fine-tuned-skip_vision-64tok"
     assert tome_row["vs_skip_vision"]["within_spread"] and tome_row["vs_skip_vision"]["spread"] == pytest.approx(0.1)
-    rule = C.compare_accuracies({"key": "a", "accuracy": 0.5, "accuracy_spread": 0.03}, sv | {"accuracy_spread": 0.01})
+    rule = R.compare_accuracies({"key": "a", "accuracy": 0.5, "accuracy_spread": 0.03}, sv | {"accuracy_spread": 0.01})
     assert rule["within_spread"] == (abs(0.5 - sv["accuracy"]) <= 0.03)
-    table = C.markdown(list(rows.values()), 0.3, seeds=3)
+    table = R.markdown(list(rows.values()), 0.3, seeds=3)
     assert "0.540 ± 0.010" in table and "+0.030 |" in table and "-0.020 within spread" in table
     assert (
         "### At equal visual-token counts" in table and "| 64 tok |" in table and "standard deviation over 3" in table
     )
-    assert "binomial standard error" in C.markdown(C.aggregate_seeds(results[:5]), seeds=1)
+    assert "binomial standard error" in R.markdown(R.aggregate_seeds(results[:5]), seeds=1)
 
 
 def test_a_seed_whose_vanilla_did_not_learn_is_named():
-    rows = C.aggregate_seeds([_fake("vanilla", "vanilla", seed, a) for seed, a in enumerate((0.41, 0.43, 0.29))])
-    notes = C.vanilla_seed_notes(rows, chance=0.33)
+    rows = R.aggregate_seeds([_fake("vanilla", "vanilla", seed, a) for seed, a in enumerate((0.41, 0.43, 0.29))])
+    notes = R.vanilla_seed_notes(rows, chance=0.33)
     assert notes[0] == "Vanilla per seed: seed 0 0.410, seed 1 0.430, seed 2 0.290."
     assert notes[1].startswith("On seed 2 vanilla is at or below the answer prior")
-    assert C.vanilla_seed_notes(rows, chance=0.2) == notes[:1]
-    one = C.aggregate_seeds([_fake("vanilla", "vanilla", 0, 0.4)])
-    assert C.vanilla_seed_notes(one, chance=0.3) == [] and "answer prior" in C.vanilla_seed_notes(one, 0.5)[0]
+    assert R.vanilla_seed_notes(rows, chance=0.2) == notes[:1]
+    one = R.aggregate_seeds([_fake("vanilla", "vanilla", 0, 0.4)])
+    assert R.vanilla_seed_notes(one, chance=0.3) == [] and "answer prior" in R.vanilla_seed_notes(one, 0.5)[0]
 
 
 # --- the command line's refusals (before any data, model or folder is made) -----------------------------------------

@@ -9,7 +9,7 @@ import math
 import pytest
 from peer_checks import COARSE
 
-from skipvision.harness import compare as C
+from skipvision.harness import budgets as B
 from skipvision.harness import demo as D
 from skipvision.harness.demo import demo
 
@@ -40,7 +40,7 @@ def test_demo_writes_report_and_plot(tmp_path):
     assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the peers, training-free at Skip-Vision's prefill FLOPs budget
     peers = report["peers"]
-    assert set(peers) == set(C.METHODS) - {"skip_vision"}  # every peer applies to LLaVA-1.5
+    assert set(peers) == set(B.METHODS) - {"skip_vision"}  # every peer applies to LLaVA-1.5
     target = report["skip_vision"]["prefill_flops"] / report["vanilla"]["prefill_flops"]
     for name, peer in peers.items():
         assert 0 <= peer["accuracy"] <= 1 and peer["kv_cache_bytes"] < report["vanilla"]["kv_cache_bytes"], name

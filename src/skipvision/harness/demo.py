@@ -24,7 +24,8 @@ from ..api import family_of, from_pretrained, load_processor
 from ..config import SkipVisionConfig, in_place_config
 from . import measure
 from .bench import BenchSettings, make_inputs, measure_interleaved, ratio
-from .compare import BATCH1_METHODS, METHODS, for_family, match_budget, method_applies, prefill_ratio
+from .budgets import METHODS, match_budget, prefill_ratio
+from .compare import BATCH1_METHODS, for_family, method_applies
 from .data import first_batch, make_dataset, prior_accuracy
 from .evaluate import evaluate
 from .presets import QWEN_FAMILIES, get_preset, init_model
