@@ -303,6 +303,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     options = options_from(TrainConfig, args)
     summary = train(TrainConfig(**options, skip_vision=skip, lora=lora, extra_args=extra_args))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+    _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Under torchrun the rank's process group (set up by accelerate) is torn down before the process exits: left to
+    interpreter shutdown, the gloo backend's worker threads can be destroyed while still running, which aborts the
+    rank ("terminate called without an active exception") after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears down while another still talks to it
+        dist.destroy_process_group()
 
 
 def cmd_lmms_eval_task(args: argparse.Namespace) -> None:
