@@ -182,3 +182,20 @@ def test_deepspeed_zero_two_cpu_processes_match_one_process(setup, one_process_r
     batch.pop("labels")
     generated = sharded.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert generated.shape[1] == batch["input_ids"].shape[1] + 3
+
+
+def test_a_torchrun_train_ends_its_process_group(tmp_path):
+    """`skipvision train` under torchrun tears the rank's process group down before the process exits (left to
+    interpreter shutdown, gloo's threads can abort a rank whose run succeeded); outside torchrun it does nothing."""
+    import torch.distributed as dist
+
+    from skipvision.harness.cli import _end_process_group
+
+    _end_process_group()  # no process group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        _end_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
